@@ -1,0 +1,88 @@
+"""Reference chunk aggregation: gather the selected chunks, attend inside each, mix the slots by weight."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def aggregate_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    chunk_size: int,
+    scale: float,
+    softmax_off_by_one: bool = False,
+) -> torch.Tensor:
+    """o[t, h] = sum_i w[t, h//G, i] * softmax_j(q[t, h] . k[c_i*S + j] * scale) v[c_i*S + j].
+
+    q [B, L, HQ, D]; k, v [B, C*S, H, D]; indices, weights [B, L, H, K] -> o [B, L, HQ, D] in q's dtype.
+    Slots with index -1 contribute nothing. Computed in float32 (float64 inputs stay float64).
+    Memory is O(B * L * H * K * S * D): this is the ground truth, not the fast path.
+    """
+    B, L, HQ, D = q.shape
+    H, K, S = k.shape[2], indices.shape[-1], chunk_size
+    G = HQ // H
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    if k.shape[1] == 0:  # no chunk at all: a zero chunk keeps the gather valid; every slot is empty anyway
+        k = k.new_zeros(B, S, H, D)
+        v = v.new_zeros(B, S, H, D)
+    C = k.shape[1] // S
+    valid = indices >= 0
+    # flat row of (b, h, c) in a [B*H*C, S, D] view of the chunks
+    b_idx = torch.arange(B, device=q.device)[:, None, None, None]
+    h_idx = torch.arange(H, device=q.device)[None, None, :, None]
+    rows = (b_idx * H + h_idx) * C + indices.clamp(min=0)
+    kc = k.to(dtype).view(B, C, S, H, D).permute(0, 3, 1, 2, 4).reshape(B * H * C, S, D)[rows]
+    vc = v.to(dtype).view(B, C, S, H, D).permute(0, 3, 1, 2, 4).reshape(B * H * C, S, D)[rows]
+    # kc, vc: [B, L, H, K, S, D]
+    qg = q.to(dtype).view(B, L, H, G, D)
+    logits = torch.einsum("blhgd,blhksd->blhgks", qg, kc) * scale
+    if softmax_off_by_one:
+        # exp(x_j) / (1 + sum exp(x)): a zero logit joins the softmax and is dropped
+        logits = F.pad(logits, (0, 1))
+        probs = torch.softmax(logits, dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(logits, dim=-1)
+    per_slot = torch.einsum("blhgks,blhksd->blhgkd", probs, vc)
+    w = torch.where(valid, weights.to(dtype), torch.zeros((), dtype=dtype, device=q.device))
+    out = torch.einsum("blhgkd,blhk->blhgd", per_slot, w)
+    return out.reshape(B, L, HQ, D).to(q.dtype)
+
+
+def aggregate_dense(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    chunk_size: int,
+    scale: float,
+    softmax_off_by_one: bool = False,
+) -> torch.Tensor:
+    """The same function as aggregate_reference, through scores against every memory token.
+
+    Per-chunk softmax over [B, H, G, L, C, S] scores, each chunk's probabilities scaled by its weight (0 when
+    not selected), then one matmul with v. O(B * HQ * L * Lk) memory: faster on CPUs while the memory Lk is
+    short next to K * S, quadratic beyond.
+    """
+    B, L, HQ, D = q.shape
+    H, S = k.shape[2], chunk_size
+    G = HQ // H
+    C = k.shape[1] // S
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    valid = indices >= 0
+    dense_w = torch.zeros(B, L, H, C + 1, dtype=dtype, device=q.device)  # column C collects empty slots
+    dense_w = dense_w.scatter_add(-1, torch.where(valid, indices, C), torch.where(valid, weights.to(dtype), 0.0))
+    qh = q.to(dtype).view(B, L, H, G, D).permute(0, 2, 3, 1, 4)  # [B, H, G, L, D]
+    kh = k.to(dtype).permute(0, 2, 1, 3)[:, :, None]  # [B, H, 1, Lk, D]
+    logits = (qh @ kh.transpose(-1, -2) * scale).view(B, H, G, L, C, S)
+    if softmax_off_by_one:
+        probs = torch.softmax(F.pad(logits, (0, 1)), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(logits, dim=-1)
+    probs = probs * dense_w[..., :C].permute(0, 2, 1, 3)[:, :, None, :, :, None]
+    out = probs.reshape(B, H, G, L, C * S) @ v.to(dtype).permute(0, 2, 1, 3)[:, :, None]  # [B, H, G, L, D]
+    return out.permute(0, 3, 1, 2, 4).reshape(B, L, HQ, D).to(q.dtype)
