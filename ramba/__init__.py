@@ -1,0 +1,7 @@
+"""ramba: long-memory language models with Hierarchical Sparse Attention (HSA)."""
+
+from .config import ConfigError, HSAHybridConfig
+from .model import HSAHybrid, HSAOutput
+
+__all__ = ["ConfigError", "HSAHybrid", "HSAHybridConfig", "HSAOutput"]
+__version__ = "0.1.0"

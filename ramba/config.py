@@ -1,0 +1,215 @@
+"""HSAHybridConfig: every option of the model, with validation, JSON round trip and presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+MIXERS = ("swa", "mamba2")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "landmark": ("cls", "mean"),
+    "retrieval_heads": ("per_kv_head", "shared"),
+    "retrieval_weights": ("softmax", "stick_breaking"),
+    "hsa_residual": ("bypass", "standard"),
+    "swa_backend": ("auto", "torch", "flex", "flash"),
+    "mamba_backend": ("auto", "torch", "cuda"),
+    "ops_backend": ("auto", "torch", "triton"),
+}
+
+
+class ConfigError(ValueError):
+    """A config field has a value the model cannot work with."""
+
+    def __init__(self, name: str, problem: str):
+        super().__init__(f"HSAHybridConfig.{name}: {problem}")
+        self.field = name
+
+
+@dataclass
+class HSAHybridConfig:
+    """The whole model shape. See DESIGN.md section 1 for the semantics of each option.
+
+    The stack is `n_lower_layers` plain blocks, the chunk memory, then `n_upper_layers` blocks in groups
+    of `hsa_every`: the first block of each group is an HSA block, the others are plain blocks.
+    """
+
+    vocab_size: int = 259
+    d_model: int = 256
+    n_lower_layers: int = 2
+    n_upper_layers: int = 2
+    hsa_every: int = 2
+    # local mixer: one name for every block, or one per block (lower blocks first, then upper blocks)
+    local_mixer: Union[str, list[str]] = "swa"
+    num_heads: int = 4
+    num_kv_heads: int = 1
+    head_dim: int = 64
+    intermediate_size: int = 768
+    plain_block_mlp: bool = True
+    # sliding-window attention
+    window: int = 128
+    rope_theta: float = 10000.0
+    # Mamba2 (names as mamba_ssm.modules.mamba2.Mamba2)
+    d_state: int = 64
+    d_conv: int = 4
+    expand: int = 2
+    mamba_head_dim: int = 64
+    n_groups: int = 1
+    mamba_chunk_size: int = 64
+    # chunk memory and retrieval
+    chunk_size: int = 64
+    topk: int = 8
+    retrieval_heads: str = "per_kv_head"
+    retrieval_dim: int = 64
+    landmark: str = "cls"
+    encoder_layers: int = 1
+    retrieval_weights: str = "softmax"
+    hsa_residual: str = "bypass"
+    retrieve_beyond_window: bool = False
+    softmax_off_by_one: bool = False
+    gumbel_noise: float = 0.0
+    # embeddings and norms
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    # backends: "auto" picks the fastest installed one for the device
+    swa_backend: str = "auto"
+    mamba_backend: str = "auto"
+    ops_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ----------------------------------------------------------------- derived
+    @property
+    def n_layers(self) -> int:
+        return self.n_lower_layers + self.n_upper_layers
+
+    @property
+    def mixers(self) -> list[str]:
+        """The local mixer of every block, lower blocks first."""
+        if isinstance(self.local_mixer, str):
+            return [self.local_mixer] * self.n_layers
+        return list(self.local_mixer)
+
+    @property
+    def num_retrieval_heads(self) -> int:
+        return self.num_kv_heads if self.retrieval_heads == "per_kv_head" else 1
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    def is_hsa_layer(self, layer: int) -> bool:
+        """True for the first block of each upper group (layer counts lower blocks first)."""
+        upper = layer - self.n_lower_layers
+        return upper >= 0 and upper % self.hsa_every == 0
+
+    # -------------------------------------------------------------- validation
+    def validate(self) -> None:
+        def need(ok: bool, name: str, problem: str) -> None:
+            if not ok:
+                raise ConfigError(name, problem)
+
+        for name in ("vocab_size", "d_model", "num_heads", "num_kv_heads", "head_dim", "window",
+                     "d_state", "d_conv", "expand", "mamba_head_dim", "n_groups", "mamba_chunk_size",
+                     "chunk_size", "retrieval_dim", "hsa_every"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
+                 f"must be a positive integer, got {value!r}")
+        for name in ("n_lower_layers", "n_upper_layers", "encoder_layers", "intermediate_size"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name,
+                 f"must be a non-negative integer, got {value!r}")
+        need(isinstance(self.topk, int) and not isinstance(self.topk, bool) and self.topk >= 1, "topk",
+             f"must be at least 1 (the number of chunks each token retrieves), got {self.topk!r}")
+        for name, allowed in CHOICES.items():
+            need(getattr(self, name) in allowed, name, f"must be one of {allowed}, got {getattr(self, name)!r}")
+
+        need(self.n_upper_layers >= 1, "n_upper_layers",
+             "must be at least 1: the first upper block is the HSA block that reads the chunk memory")
+        need(self.chunk_size % 16 == 0, "chunk_size",
+             f"must be a multiple of 16 (the kernels tile chunks by 16), got {self.chunk_size}")
+        need(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+             f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        need(self.head_dim % 2 == 0, "head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
+        need(self.intermediate_size > 0, "intermediate_size",
+             "must be positive: HSA blocks and encoder layers always have an MLP")
+        need(self.d_inner % self.mamba_head_dim == 0, "mamba_head_dim",
+             f"expand * d_model ({self.d_inner}) must be a multiple of mamba_head_dim ({self.mamba_head_dim})")
+        need((self.d_inner // self.mamba_head_dim) % self.n_groups == 0, "n_groups",
+             f"the Mamba2 head count ({self.d_inner // self.mamba_head_dim}) must be a multiple of n_groups")
+        need(isinstance(self.gumbel_noise, (int, float)) and self.gumbel_noise >= 0, "gumbel_noise",
+             f"must be a non-negative scale (0 turns it off), got {self.gumbel_noise!r}")
+        need(self.landmark == "mean" or self.encoder_layers >= 1, "landmark",
+             "'cls' needs encoder_layers >= 1 (with no encoder layer the CLS vector sees no token); "
+             "use landmark='mean' or add an encoder layer")
+
+        if isinstance(self.local_mixer, str):
+            need(self.local_mixer in MIXERS, "local_mixer", f"must be one of {MIXERS}, got {self.local_mixer!r}")
+        else:
+            mixers = list(self.local_mixer)
+            need(len(mixers) == self.n_layers, "local_mixer",
+                 f"a per-layer list needs n_lower_layers + n_upper_layers = {self.n_layers} entries, got {len(mixers)}")
+            bad = [m for m in mixers if m not in MIXERS]
+            need(not bad, "local_mixer", f"entries must be in {MIXERS}, got {bad}")
+        if self.retrieve_beyond_window:
+            hsa_mixers = {m for i, m in enumerate(self.mixers) if self.is_hsa_layer(i)}
+            need(hsa_mixers == {"swa"}, "retrieve_beyond_window",
+                 "hides the chunks the local window sees, so every HSA block's mixer must be 'swa'")
+            need(self.window >= self.chunk_size, "retrieve_beyond_window",
+                 f"needs window ({self.window}) >= chunk_size ({self.chunk_size})")
+
+    # ------------------------------------------------------------------- JSON
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HSAHybridConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown field (known fields: {', '.join(sorted(known))})")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> "HSAHybridConfig":
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            text = Path(path_or_text).read_text()
+        return cls.from_dict(json.loads(text))
+
+    # ----------------------------------------------------------------- presets
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "HSAHybridConfig":
+        """A named shape (`tiny`, `small`, `ramba-370m`) with fields replaced by `overrides`."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # a few million parameters: trains on a laptop CPU on byte-level text
+    "tiny": dict(vocab_size=259, d_model=256, n_lower_layers=2, n_upper_layers=2, hsa_every=2,
+                 local_mixer="swa", num_heads=4, num_kv_heads=1, head_dim=64, intermediate_size=768,
+                 window=128, d_state=32, mamba_head_dim=32, chunk_size=64, topk=8, retrieval_dim=64,
+                 encoder_layers=1),
+    # about 100M parameters with a GPT-NeoX-sized vocabulary
+    "small": dict(vocab_size=50304, d_model=768, n_lower_layers=6, n_upper_layers=6, hsa_every=3,
+                  local_mixer="mamba2", num_heads=12, num_kv_heads=2, head_dim=64, intermediate_size=2048,
+                  window=512, d_state=128, mamba_head_dim=64, chunk_size=64, topk=8, retrieval_dim=128,
+                  encoder_layers=1),
+    # the published RAMba shape: Mamba2 blocks without MLP, an HSA block every 8 upper blocks
+    "ramba-370m": dict(vocab_size=50304, d_model=1024, n_lower_layers=24, n_upper_layers=24, hsa_every=8,
+                       local_mixer="mamba2", plain_block_mlp=False, num_heads=16, num_kv_heads=1,
+                       head_dim=64, intermediate_size=4096, window=512, d_state=128, mamba_head_dim=64,
+                       mamba_chunk_size=256, chunk_size=64, topk=8, retrieval_dim=128, encoder_layers=1),
+}

@@ -1,0 +1,61 @@
+"""Hierarchical sparse attention: retrieve the top-k chunks of the memory, attend inside them, mix by weight."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ramba.ops import hsa_aggregate, hsa_retrieve
+
+from ..config import HSAHybridConfig
+from ..documents import DocLayout
+from .chunk_encoder import ChunkMemory
+
+
+def retrieval_weights(scores: torch.Tensor, indices: torch.Tensor, kind: str) -> torch.Tensor:
+    """Weights of the selected slots; scores, indices: [..., K] (slots most recent first, empty last).
+
+    softmax: softmax over the non-empty slots. stick_breaking: w_i = exp(s_i - sum_{j<=i} softplus(s_j)).
+    Empty slots (index -1) get weight 0; a row with no chunk at all gets all zeros.
+    """
+    valid = indices >= 0
+    s = scores.masked_fill(~valid, 0.0)
+    if kind == "softmax":
+        w = torch.softmax(s.masked_fill(~valid, torch.finfo(s.dtype).min), dim=-1)
+    else:
+        w = torch.exp(s - torch.cumsum(F.softplus(s).masked_fill(~valid, 0.0), dim=-1))
+    return w * valid
+
+
+class HSA(nn.Module):
+    """x [B, L, d] (normalised) and the chunk memory -> [B, L, d], plus the selected chunks [B, L, Hr, K]."""
+
+    def __init__(self, config: HSAHybridConfig):
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.q_proj = nn.Linear(d, config.num_heads * config.head_dim, bias=False)
+        self.qr_proj = nn.Linear(d, config.num_retrieval_heads * config.retrieval_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, d, bias=False)
+
+    def forward(self, x: torch.Tensor, memory: ChunkMemory, layout: DocLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        xs = layout.unpack(x)
+        N, L, _ = xs.shape
+        qr = self.qr_proj(xs).view(N, L, cfg.num_retrieval_heads, cfg.retrieval_dim)
+        indices, scores = hsa_retrieve(
+            qr, memory.landmarks, cfg.topk, cfg.chunk_size,
+            window=cfg.window if cfg.retrieve_beyond_window else None,
+            backend=cfg.ops_backend, gumbel=cfg.gumbel_noise if self.training else 0.0,
+        )
+        weights = retrieval_weights(scores, indices, cfg.retrieval_weights)
+        kv_indices, kv_weights = indices, weights
+        if cfg.num_retrieval_heads != cfg.num_kv_heads:  # one shared retrieval head serves every kv head
+            kv_indices = indices.expand(-1, -1, cfg.num_kv_heads, -1)
+            kv_weights = weights.expand(-1, -1, cfg.num_kv_heads, -1)
+        q = self.q_proj(xs).view(N, L, cfg.num_heads, cfg.head_dim)
+        o = hsa_aggregate(q, memory.k, memory.v, kv_indices, kv_weights, cfg.chunk_size,
+                          softmax_off_by_one=cfg.softmax_off_by_one, backend=cfg.ops_backend)
+        out = self.o_proj(o.reshape(N, L, -1))
+        return layout.pack(out), layout.pack(indices)

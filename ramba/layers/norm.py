@@ -1,0 +1,18 @@
+"""RMSNorm computed in float32 whatever the input dtype."""
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """`x / rms(x) * weight` over the last dimension; x: [..., dim]."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
