@@ -202,14 +202,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                  local_mixer="swa", num_heads=4, num_kv_heads=1, head_dim=64, intermediate_size=768,
                  window=128, d_state=32, mamba_head_dim=32, chunk_size=64, topk=8, retrieval_dim=64,
                  encoder_layers=1),
-    # about 100M parameters with a GPT-NeoX-sized vocabulary
-    "small": dict(vocab_size=50304, d_model=768, n_lower_layers=6, n_upper_layers=6, hsa_every=3,
-                  local_mixer="mamba2", num_heads=12, num_kv_heads=2, head_dim=64, intermediate_size=2048,
+    # about 100M parameters (121M with Mamba2, 93M with SWA) with a Llama-sized vocabulary
+    "small": dict(vocab_size=32000, d_model=768, n_lower_layers=6, n_upper_layers=6, hsa_every=3,
+                  local_mixer="mamba2", num_heads=12, num_kv_heads=2, head_dim=64, intermediate_size=1536,
                   window=512, d_state=128, mamba_head_dim=64, chunk_size=64, topk=8, retrieval_dim=128,
                   encoder_layers=1),
-    # the published RAMba shape: Mamba2 blocks without MLP, an HSA block every 8 upper blocks
+    # the published RAMba shape: Mamba2 blocks without MLP, an HSA block every 8 upper blocks (405M parameters)
     "ramba-370m": dict(vocab_size=50304, d_model=1024, n_lower_layers=24, n_upper_layers=24, hsa_every=8,
                        local_mixer="mamba2", plain_block_mlp=False, num_heads=16, num_kv_heads=1,
-                       head_dim=64, intermediate_size=4096, window=512, d_state=128, mamba_head_dim=64,
+                       head_dim=64, intermediate_size=2048, window=512, d_state=128, mamba_head_dim=64,
                        mamba_chunk_size=256, chunk_size=64, topk=8, retrieval_dim=128, encoder_layers=1),
 }

@@ -81,13 +81,13 @@ def build_layout(
     for name, t in (("attention_mask", attention_mask), ("doc_ids", doc_ids)):
         if t is not None and tuple(t.shape) != (batch, length):
             raise ValueError(f"{name} must have the shape of input_ids {(batch, length)}, got {tuple(t.shape)}")
-        if t is not None and t.is_floating_point():
-            raise TypeError(f"{name} must be an integer or bool tensor, got {t.dtype}")
+    if doc_ids is not None and (doc_ids.is_floating_point() or doc_ids.dtype == torch.bool):
+        raise TypeError(f"doc_ids must be an integer tensor, got {doc_ids.dtype}")
     if cu_seqlens is not None:
         doc_ids = _ids_from_cu_seqlens(cu_seqlens.to(device), batch, length)
     valid = None
     if attention_mask is not None:
-        valid = attention_mask.to(device).bool()
+        valid = attention_mask.to(device) != 0
         if bool(valid.all()):
             valid = None
     if doc_ids is None and valid is None:

@@ -42,7 +42,7 @@ class EncoderLayer(nn.Module):
         cos, sin = rope_angles(torch.arange(P, device=x.device), self.head_dim, self.theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        x = x + self.o_proj(attn.transpose(1, 2).reshape(M, P, -1))
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(M, P, self.heads * self.head_dim))
         return x + self.mlp(self.mlp_norm(x))
 
 
