@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 
@@ -20,6 +21,7 @@ FAST: dict[str, list[tuple[str, str]]] = {
 AVAILABLE: dict[str, set[str]] = {"swa": {"flash", "flex"}, "mamba": {"cuda"}, "ops": set()}
 
 
+@functools.cache
 def installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
