@@ -106,11 +106,12 @@ def main(argv: list[str] | None = None) -> Path:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        first_loss = float(loss) if first_loss is None else first_loss
-        bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        last_loss = loss.item()
+        first_loss = last_loss if first_loss is None else first_loss
+        bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
 
     eval_loss, accuracy = evaluate(accelerator.unwrap_model(model), eval_batch)
-    logger.info("train loss %.3f -> %.3f; held-out loss %.3f, answer accuracy %.1f%%", first_loss, float(loss),
+    logger.info("train loss %.3f -> %.3f; held-out loss %.3f, answer accuracy %.1f%%", first_loss, last_loss,
                 eval_loss, 100 * accuracy)
     final = Path(args.output_dir) / "final"
     if accelerator.is_main_process:
