@@ -1,0 +1,145 @@
+"""Pure-PyTorch Mamba2 ops: the chunked SSD scan and a depthwise causal conv, both document-aware.
+
+Recurrence of the scan, per head (state `[p, n]`):
+    state_t = exp(dt_t * A) * state_{t-1} + dt_t * x_t ⊗ B_t,    y_t = state_t · C_t + D * x_t
+with the state reset to zero before every token where `seq_start` is True.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32, or float64 when any input is float64 (so gradcheck sees full precision)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _check_scan_shapes(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                       D: Tensor | None, seq_start: Tensor | None) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"ssd_scan: x must be [b, l, h, p], got shape {tuple(x.shape)}")
+    b, l, h, _ = x.shape
+    if dt.shape != (b, l, h):
+        raise ValueError(f"ssd_scan: dt must be [b, l, h] = {(b, l, h)}, got {tuple(dt.shape)}")
+    if A.shape != (h,):
+        raise ValueError(f"ssd_scan: A must be [h] = {(h,)}, got {tuple(A.shape)}")
+    if B.dim() != 4 or B.shape[:2] != (b, l) or C.shape != B.shape:
+        raise ValueError(f"ssd_scan: B and C must both be [b, l, g, n] with b, l = {(b, l)}, "
+                         f"got {tuple(B.shape)} and {tuple(C.shape)}")
+    if B.shape[2] == 0 or h % B.shape[2] != 0:
+        raise ValueError(f"ssd_scan: the head count {h} must be a multiple of the group count {B.shape[2]}")
+    if D is not None and D.shape != (h,):
+        raise ValueError(f"ssd_scan: D must be [h] = {(h,)}, got {tuple(D.shape)}")
+    if seq_start is not None and seq_start.shape != (b, l):
+        raise ValueError(f"ssd_scan: seq_start must be [b, l] = {(b, l)}, got {tuple(seq_start.shape)}")
+
+
+def _pad_time(t: Tensor, pad: int) -> Tensor:
+    """Append `pad` zero steps along dim 1."""
+    if pad == 0:
+        return t
+    return torch.cat([t, t.new_zeros((t.shape[0], pad, *t.shape[2:]))], dim=1)
+
+
+def _segsum(a: Tensor) -> Tensor:
+    """a: [..., q] -> [..., q, q] with out[..., t, s] = sum(a[..., s+1 : t+1]) for s <= t, else -inf."""
+    q = a.shape[-1]
+    ones = torch.ones(q, q, dtype=torch.bool, device=a.device)
+    rows = a.unsqueeze(-1).expand(*a.shape, q).masked_fill(~ones.tril(-1), 0.0)   # rows[t, s] = a[t] if t > s
+    return rows.cumsum(dim=-2).masked_fill(~ones.tril(), float("-inf"))
+
+
+def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+             D: Tensor | None = None, seq_start: Tensor | None = None) -> Tensor:
+    """Mamba2's chunked SSD scan; returns y `[b, l, h, p]` in x's dtype.
+
+    x: [b, l, h, p]; dt: [b, l, h] positive steps; A: [h] negative; B, C: [b, l, g, n], head i reads
+    group i // (h // g); D: [h] skip; seq_start: bool [b, l], True where a new document starts.
+    Computed in float32 (float64 for float64 inputs) with O(l * chunk_size) memory.
+    """
+    _check_scan_shapes(x, dt, A, B, C, D, seq_start)
+    if chunk_size < 1:
+        raise ValueError(f"ssd_scan: chunk_size must be positive, got {chunk_size}")
+    b, l, h, p = x.shape
+    if l == 0:
+        return x.clone()
+    g, n = B.shape[2], B.shape[3]
+    ct = _compute_dtype(x, dt, A, B, C)
+    q = chunk_size
+    nc = -(-l // q)
+    pad = nc * q - l
+
+    # padded steps have dt = 0: they neither decay nor write the state, and their outputs are dropped
+    xs = _pad_time(x.to(ct), pad).view(b, nc, q, h, p)
+    dts = _pad_time(dt.to(ct), pad).view(b, nc, q, h)
+    Bs = _pad_time(B.to(ct), pad).repeat_interleave(h // g, dim=2).view(b, nc, q, h, n)
+    Cs = _pad_time(C.to(ct), pad).repeat_interleave(h // g, dim=2).view(b, nc, q, h, n)
+    starts = torch.zeros(b, l, dtype=torch.long, device=x.device) if seq_start is None else seq_start.long()
+    # number of document starts at or before each position of its chunk
+    nstart = _pad_time(starts, pad).view(b, nc, q).cumsum(dim=-1)
+
+    a = (dts * A.to(ct)).permute(0, 1, 3, 2)                       # [b, c, h, q] log decays
+    a_cum = a.cumsum(dim=-1)                                       # decay since the chunk start
+    seg = _segsum(a)                                               # [b, c, h, q(t), q(s)]
+    same_doc = (nstart.unsqueeze(-1) == nstart.unsqueeze(-2)).unsqueeze(2)
+    decay = seg.masked_fill(~same_doc, float("-inf")).exp()
+    xdt = xs * dts.unsqueeze(-1)                                   # [b, c, q, h, p]
+
+    # within each chunk: y_t += sum_{s <= t, same doc} (C_t · B_s) decay(s -> t) dt_s x_s
+    scores = torch.einsum("bcthn,bcshn->bchts", Cs, Bs) * decay
+    y = torch.einsum("bchts,bcshp->bcthp", scores, xdt)
+
+    # state written by each chunk at its end, from tokens in the document of its last token
+    to_end = decay[..., -1, :]                                     # [b, c, h, q(s)]
+    chunk_states = torch.einsum("bcshn,bchs,bcshp->bchpn", Bs, to_end, xdt)
+    carries = nstart[..., -1] == 0                                 # [b, c]: no document starts in the chunk
+    chunk_decay = a_cum[..., -1].exp() * carries.unsqueeze(-1)     # [b, c, h]
+    state = chunk_states.new_zeros(b, h, p, n)
+    entering = []
+    for c in range(nc):
+        entering.append(state)
+        state = chunk_decay[:, c, :, None, None] * state + chunk_states[:, c]
+    states_in = torch.stack(entering, dim=1)                       # [b, c, h, p, n]
+
+    # the state entering a chunk reaches token t if no document starts in the chunk up to t
+    reach = a_cum.exp() * (nstart == 0).unsqueeze(2)               # [b, c, h, q]
+    y = y + torch.einsum("bcthn,bchpn,bcht->bcthp", Cs, states_in, reach)
+    if D is not None:
+        y = y + xs * D.to(ct)[:, None]
+    return y.reshape(b, nc * q, h, p)[:, :l].to(x.dtype)
+
+
+def causal_conv1d_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+                      seq_start: Tensor | None = None) -> Tensor:
+    """Depthwise causal conv over time, no activation; x: [b, l, c], weight: [c, k], bias: [c] -> [b, l, c].
+
+    out_t = bias + sum_j weight[:, k-1-j] * x_{t-j}; with seq_start (bool [b, l]) taps stop at the
+    first token of t's document. Computed in float32 (float64 for float64 inputs), returned in x's dtype.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"causal_conv1d_ref: x must be [b, l, c], got shape {tuple(x.shape)}")
+    b, l, c = x.shape
+    if weight.dim() != 2 or weight.shape[0] != c:
+        raise ValueError(f"causal_conv1d_ref: weight must be [c, k] with c = {c}, got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (c,):
+        raise ValueError(f"causal_conv1d_ref: bias must be [c] = {(c,)}, got {tuple(bias.shape)}")
+    if seq_start is not None and seq_start.shape != (b, l):
+        raise ValueError(f"causal_conv1d_ref: seq_start must be [b, l] = {(b, l)}, got {tuple(seq_start.shape)}")
+    k = weight.shape[1]
+    ct = _compute_dtype(x, weight)
+    xf, wf = x.to(ct), weight.to(ct)
+    out = xf.new_zeros(b, l, c) if bias is None else bias.to(ct).expand(b, l, c)
+    offset = None
+    if seq_start is not None:
+        pos = torch.arange(l, device=x.device).expand(b, l)
+        doc_first = torch.where(seq_start.bool(), pos, torch.zeros_like(pos)).cummax(dim=1).values
+        offset = (pos - doc_first).unsqueeze(-1)                    # [b, l, 1]: position inside the document
+    for j in range(min(k, l)):
+        tap = F.pad(xf, (0, 0, j, 0))[:, :l] * wf[:, k - 1 - j]
+        if offset is not None:
+            tap = tap * (offset >= j)
+        out = out + tap
+    return out.to(x.dtype)

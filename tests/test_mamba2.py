@@ -1,0 +1,179 @@
+"""The Mamba2 mixer: document isolation, causality, the mamba_ssm parameter layout, backends."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ramba.config import HSAHybridConfig
+from ramba.layers.mamba2 import GatedRMSNorm, Mamba2, doc_starts
+from ramba.ops.ssd import causal_conv1d_ref, ssd_scan
+
+HAS_CUDA_PATH = torch.cuda.is_available() and importlib.util.find_spec("mamba_ssm") is not None
+
+
+def make_config(**overrides) -> HSAHybridConfig:
+    fields = dict(d_model=32, d_state=8, d_conv=4, expand=2, mamba_head_dim=8, n_groups=2, mamba_chunk_size=8,
+                  mamba_backend="torch")
+    return HSAHybridConfig(**{**fields, **overrides})
+
+
+def make_layer(seed: int = 0, **overrides) -> Mamba2:
+    torch.manual_seed(seed)
+    layer = Mamba2(make_config(**overrides), layer_idx=0).double()
+    with torch.no_grad():  # non-trivial values everywhere, so every path shows up in the outputs
+        for param in layer.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    return layer
+
+
+def random_doc_ids(gen: torch.Generator, b: int, l: int, doc_prob: float) -> torch.Tensor:
+    starts = torch.rand(b, l, generator=gen) < doc_prob
+    return starts.long().cumsum(dim=1) * 7 + 3  # arbitrary (non-zero based) ids, equal within a run
+
+
+@settings(max_examples=12, deadline=None)
+@given(l=st.integers(1, 30), doc_prob=st.sampled_from([0.05, 0.2, 0.5]), seed=st.integers(0, 2**31 - 1))
+def test_documents_do_not_interact(l, doc_prob, seed):
+    gen = torch.Generator().manual_seed(seed)
+    layer = make_layer()
+    x = torch.randn(2, l, 32, generator=gen, dtype=torch.float64)
+    doc_ids = random_doc_ids(gen, 2, l, doc_prob)
+    out = layer(x, doc_ids)
+    starts = doc_starts(doc_ids)
+    for row in range(2):
+        bounds = [t for t in range(l) if starts[row, t]] + [l]
+        pieces = [layer(x[row:row + 1, s:e]) for s, e in zip(bounds[:-1], bounds[1:])]
+        torch.testing.assert_close(out[row:row + 1], torch.cat(pieces, dim=1), rtol=1e-9, atol=1e-9)
+
+
+def test_doc_ids_reusing_an_id_later_still_split():
+    doc_ids = torch.tensor([[5, 5, 6, 6, 5, 5]])
+    assert doc_starts(doc_ids).tolist() == [[True, False, True, False, True, False]]
+
+
+@pytest.mark.parametrize("with_docs", [False, True])
+def test_causal(with_docs):
+    gen = torch.Generator().manual_seed(1)
+    layer = make_layer()
+    x = torch.randn(2, 27, 32, generator=gen, dtype=torch.float64)
+    doc_ids = random_doc_ids(gen, 2, 27, 0.15) if with_docs else None
+    out = layer(x, doc_ids)
+    for t in (0, 6, 7, 8, 19, 25):
+        changed = x.clone()
+        changed[:, t + 1:] = torch.randn(2, 26 - t, 32, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(layer(changed, doc_ids)[:, : t + 1], out[:, : t + 1], rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(layer(changed, doc_ids)[:, t + 1:], out[:, t + 1:])
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(n_groups=1, d_conv=3, expand=1, mamba_head_dim=16)])
+def test_state_dict_matches_mamba_ssm_layout(overrides):
+    cfg = make_config(**overrides)
+    d_inner = cfg.expand * cfg.d_model
+    nheads = d_inner // cfg.mamba_head_dim
+    conv_dim = d_inner + 2 * cfg.n_groups * cfg.d_state
+    expected = {
+        "in_proj.weight": (2 * d_inner + 2 * cfg.n_groups * cfg.d_state + nheads, cfg.d_model),
+        "conv1d.weight": (conv_dim, 1, cfg.d_conv),
+        "conv1d.bias": (conv_dim,),
+        "dt_bias": (nheads,),
+        "A_log": (nheads,),
+        "D": (nheads,),
+        "norm.weight": (d_inner,),
+        "out_proj.weight": (cfg.d_model, d_inner),
+    }
+    state = Mamba2(cfg, layer_idx=3).state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+
+
+def test_initialisation_and_markers():
+    torch.manual_seed(0)
+    layer = Mamba2(make_config(d_model=128, mamba_head_dim=4), layer_idx=0)  # 64 heads
+    dt = F.softplus(layer.dt_bias)
+    assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5)
+    A = layer.A_log.exp()
+    assert A.min() >= 1.0 and A.max() <= 16.0
+    assert torch.equal(layer.D, torch.ones_like(layer.D))
+    assert torch.equal(layer.norm.weight, torch.ones_like(layer.norm.weight))
+    for param in (layer.dt_bias, layer.A_log, layer.D):
+        assert param._no_weight_decay
+
+
+def test_gated_rmsnorm_normalises_each_group():
+    gen = torch.Generator().manual_seed(0)
+    y, z = torch.randn(2, 3, 8, generator=gen), torch.randn(2, 3, 8, generator=gen)
+    norm = GatedRMSNorm(8, group_size=4, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.arange(1.0, 9.0))
+    gated = y * F.silu(z)
+    halves = [h / h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() for h in gated.split(4, dim=-1)]
+    torch.testing.assert_close(norm(y, z), torch.cat(halves, dim=-1) * torch.arange(1.0, 9.0))
+
+
+def test_forward_shapes_dtypes_and_gradients():
+    layer = make_layer().float()
+    x = torch.randn(2, 13, 32, requires_grad=True)
+    out = layer(x, torch.tensor([[0] * 6 + [1] * 7, [4] * 13]))
+    assert out.shape == x.shape and out.dtype == torch.float32
+    out.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    for name, param in layer.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    assert layer(torch.randn(1, 0, 32)).shape == (1, 0, 32)
+
+
+def test_rejects_bad_inputs():
+    layer = make_layer()
+    with pytest.raises(ValueError, match="d_model=32"):
+        layer(torch.randn(2, 5, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\[B, L, d_model"):
+        layer(torch.randn(5, 32, dtype=torch.float64))
+    with pytest.raises(ValueError, match="doc_ids must be"):
+        layer(torch.randn(2, 5, 32, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer"):
+        layer(torch.randn(2, 5, 32, dtype=torch.float64), torch.zeros(2, 5))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised on a machine without CUDA")
+def test_forced_cuda_backend_on_cpu_raises():
+    layer = make_layer(mamba_backend="cuda")
+    with pytest.raises((ImportError, RuntimeError), match="mamba_ssm|CUDA|cuda"):
+        layer(torch.randn(1, 4, 32, dtype=torch.float64))
+
+
+def assert_close_in_scale(actual: torch.Tensor, expected: torch.Tensor, mean_tol: float, max_tol: float) -> None:
+    """Errors measured against the mean magnitude of `expected` (the Triton kernels multiply in TF32)."""
+    err = (actual.double() - expected.double()).abs()
+    scale = expected.double().abs().mean()
+    assert err.mean() <= mean_tol * scale and err.max() <= max_tol * scale, (err.mean() / scale, err.max() / scale)
+
+
+@pytest.mark.skipif(not HAS_CUDA_PATH, reason="needs CUDA and mamba_ssm")
+def test_cuda_path_matches_reference():
+    from ramba.ops.ssd.cuda import causal_conv1d_cuda, ssd_scan_cuda
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    b, l, h, p, g, n = 2, 300, 8, 16, 2, 32
+    x, B, C = torch.randn(b, l, h, p, device=dev), torch.randn(b, l, g, n, device=dev), torch.randn(b, l, g, n, device=dev)
+    dt = F.softplus(torch.randn(b, l, h, device=dev) - 2.0)
+    A, D = -torch.rand(h, device=dev) * 4 - 0.5, torch.randn(h, device=dev)
+    seq_start = torch.rand(b, l, device=dev) < 0.02
+    expected = ssd_scan(x.double(), dt.double(), A.double(), B.double(), C.double(), 64, D.double(), seq_start)
+    assert_close_in_scale(ssd_scan_cuda(x, dt, A, B, C, 64, D, seq_start), expected, 5e-3, 0.1)
+
+    xc, weight, bias = torch.randn(b, l, 48, device=dev), torch.randn(48, 4, device=dev), torch.randn(48, device=dev)
+    torch.testing.assert_close(causal_conv1d_cuda(xc, weight, bias, seq_start),
+                               causal_conv1d_ref(xc, weight, bias, seq_start), rtol=1e-4, atol=1e-4)
+
+    cuda_layer = make_layer(mamba_backend="cuda", d_model=64, mamba_chunk_size=64).float().to(dev)
+    torch_layer = make_layer(mamba_backend="torch", d_model=64, mamba_chunk_size=64).double().to(dev)
+    torch_layer.load_state_dict(cuda_layer.state_dict())
+    u = torch.randn(b, l, 64, device=dev)
+    doc_ids = seq_start.long().cumsum(dim=1)
+    assert_close_in_scale(cuda_layer(u, doc_ids), torch_layer(u.double(), doc_ids), 5e-3, 0.1)
