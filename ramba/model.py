@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import HSACache, new_mixer_state
 from .config import HSAHybridConfig
-from .documents import build_layout
+from .documents import DocLayout, build_layout
+from .generation import generate
 from .layers.blocks import Block, HSABlock
 from .layers.chunk_encoder import ChunkEncoder
 from .layers.norm import RMSNorm
@@ -24,9 +26,10 @@ IGNORE_INDEX = -100
 
 @dataclass
 class HSAOutput:
-    """logits [B, L, vocab]; loss (mean next-token cross entropy) when labels were given; retrieval: with
-    `return_retrieval=True`, for each HSA block the selected chunks [B, L, Hr, K] (chunk c of a document
-    covers its tokens [c*S, (c+1)*S); -1 for empty slots and padding)."""
+    """logits [B, N, vocab] for the last N = logits_to_keep positions (all L by default); loss (mean next-token
+    cross entropy) when labels were given; retrieval: with `return_retrieval=True`, for each HSA block the
+    selected chunks [B, N, Hr, K] (chunk c of a document covers its tokens [c*S, (c+1)*S); -1 for empty slots
+    and padding)."""
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
@@ -69,6 +72,24 @@ class HSAHybrid(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @property
+    def upper_all_swa(self) -> bool:
+        """Whether every upper block mixes with SWA: then the upper stack has a finite receptive field."""
+        return all(m == "swa" for m in self.config.mixers[self.config.n_lower_layers:])
+
+    @property
+    def upper_receptive_field(self) -> int:
+        """How many earlier positions the upper stack of an all-SWA model reads: n_upper * (window - 1)."""
+        return self.config.n_upper_layers * (self.config.window - 1)
+
+    generate = generate
+
+    def new_cache(self, batch_size: int, offload: bool = False) -> HSACache:
+        """An empty inference cache for `model(input_ids, cache=cache)`; offload=True keeps the memory
+        keys/values in (pinned) CPU memory and brings only the selected chunks to the device."""
+        weight = self.embed.weight
+        return HSACache(self.config, self, batch_size, weight.device, weight.dtype, offload)
+
     # ------------------------------------------------------------------ forward
     def _check_ids(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -99,6 +120,8 @@ class HSAHybrid(nn.Module):
         doc_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         return_retrieval: bool = False,
+        cache: HSACache | None = None,
+        logits_to_keep: int | None = None,
     ) -> HSAOutput:
         """input_ids [B, L] -> HSAOutput.
 
@@ -106,20 +129,26 @@ class HSAHybrid(nn.Module):
         -100 is ignored. attention_mask [B, L]: 1 for tokens, 0 for padding (left or right). Packed documents:
         doc_ids [B, L] (each run of equal ids is a document) or cu_seqlens [num_docs + 1] (document offsets
         into the flattened batch): tokens never mix with, and never retrieve from, another document.
+
+        cache: continue from an inference cache (`new_cache`) and update it; the input is the next segment
+        (one token when decoding); attention_mask may mark left padding in the first call only.
+        logits_to_keep: compute logits for the last N positions only (0: none). When every upper block is
+        SWA, the upper stack then runs only on those positions and their receptive field (exact).
         """
         self._check_ids(input_ids, labels)
-        layout = build_layout(tuple(input_ids.shape), input_ids.device, attention_mask, doc_ids, cu_seqlens)
-        x = self.embed(input_ids.long())
-        for block in self.lower:
-            x = block(x, layout.doc_ids)
-        memory = self.encoder(layout.unpack(self.memory_norm(x)))
-        retrieval = []
-        for block in self.upper:
-            if isinstance(block, HSABlock):
-                x, indices = block(x, layout.doc_ids, memory, layout)
-                retrieval.append(indices)
-            else:
-                x = block(x, layout.doc_ids)
+        length = input_ids.shape[1]
+        keep = length if logits_to_keep is None else logits_to_keep
+        if not 0 <= keep <= length:
+            raise ValueError(f"logits_to_keep must be in [0, {length}] (the input length), got {logits_to_keep}")
+        if labels is not None and keep != length:
+            raise ValueError("labels need the logits of every position: leave logits_to_keep unset")
+        if cache is not None:
+            if doc_ids is not None or cu_seqlens is not None:
+                raise ValueError("packed documents (doc_ids, cu_seqlens) are not supported with a cache: run one "
+                                 "document per batch row")
+            x, retrieval = self._forward_cached(input_ids, attention_mask, cache, keep)
+        else:
+            x, retrieval = self._forward_full(input_ids, attention_mask, doc_ids, cu_seqlens, keep)
         logits = self.lm_head(self.norm(x))
         loss = None
         if labels is not None:
@@ -129,6 +158,89 @@ class HSAHybrid(nn.Module):
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
         return HSAOutput(logits=logits, loss=loss, retrieval=retrieval if return_retrieval else None)
+
+    def _run_upper(self, x: torch.Tensor, memory, layout: DocLayout, doc_ids: torch.Tensor | None,
+                   states: list | None, positions: torch.Tensor | None,
+                   valid: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        retrieval = []
+        for i, block in enumerate(self.upper):
+            state = None if states is None else states[i]
+            if isinstance(block, HSABlock):
+                x, indices = block(x, doc_ids, memory, layout, state, positions, valid)
+                retrieval.append(indices)
+            else:
+                x = block(x, doc_ids, state, positions, valid)
+        return x, retrieval
+
+    def _forward_full(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, doc_ids: torch.Tensor | None,
+                      cu_seqlens: torch.Tensor | None, keep: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The whole input at once; returns the last `keep` final hidden states and the retrievals."""
+        length = input_ids.shape[1]
+        layout = build_layout(tuple(input_ids.shape), input_ids.device, attention_mask, doc_ids, cu_seqlens)
+        x = self.embed(input_ids.long())
+        for block in self.lower:
+            x = block(x, layout.doc_ids)
+        memory = self.encoder(layout.unpack(self.memory_norm(x)))
+        start = length - keep - self.upper_receptive_field
+        if self.upper_all_swa and layout.trivial and start > 0:  # exact shortcut: only the receptive field
+            positions = torch.arange(start, length, device=x.device)
+            x, retrieval = self._run_upper(x[:, start:], memory, layout, None, None, positions, None)
+            return x[:, x.shape[1] - keep:], [r[:, r.shape[1] - keep:] for r in retrieval]
+        x, retrieval = self._run_upper(x, memory, layout, layout.doc_ids, None, None, None)
+        return x[:, length - keep:], [r[:, length - keep:] for r in retrieval]
+
+    def _forward_cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: HSACache,
+                        keep: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The next segment of every row, continuing from and updating `cache`."""
+        cache.check(self, input_ids, attention_mask)
+        B, L = input_ids.shape
+        device = input_ids.device
+        valid = None if attention_mask is None else attention_mask.to(device) != 0
+        if valid is not None and bool((valid[:, :-1] & ~valid[:, 1:]).any()):
+            raise ValueError("with a cache, attention_mask must be left padding (zeros before the tokens of a row)")
+        pads = torch.zeros(B, dtype=torch.long, device=device) if valid is None else (~valid).sum(1)
+        positions = cache.lengths[:, None] + torch.arange(L, device=device)[None] - pads[:, None]
+        n_lower = self.config.n_lower_layers
+        x = self.embed(input_ids.long())
+        for i, block in enumerate(self.lower):
+            x = block(x, None, cache.states[i], positions, valid)
+        real = torch.ones(B, L, dtype=torch.bool, device=device) if valid is None else valid
+        chunks, completed = cache.update_pending(self.memory_norm(x), real)
+        if chunks.shape[1]:
+            cache.store.append(self.encoder(chunks), completed)
+        cache.lengths += real.sum(1)
+        layout = DocLayout(B, L)
+        upper_states = cache.states[n_lower:]
+        if not self.upper_all_swa:
+            x, retrieval = self._run_upper(x, cache.store, layout, None, upper_states, positions, valid)
+            return x[:, L - keep:], [r[:, L - keep:] for r in retrieval]
+
+        # all-SWA upper stack: keep the lower outputs of its receptive field, run it only where needed
+        R = self.upper_receptive_field
+        if cache.context is None:
+            cache.context = x.new_zeros(B, 0, x.shape[2])
+            cache.context_valid = real.new_zeros(B, 0)
+            cache.context_positions = positions.new_zeros(B, 0)
+        context = torch.cat([cache.context, x], dim=1)
+        context_valid = torch.cat([cache.context_valid, real], dim=1)
+        context_positions = torch.cat([cache.context_positions, positions], dim=1)
+        cache.context = context[:, max(0, context.shape[1] - R):]
+        cache.context_valid = context_valid[:, max(0, context.shape[1] - R):]
+        cache.context_positions = context_positions[:, max(0, context.shape[1] - R):]
+        if keep == 0:
+            cache.upper_stale = True
+            return x[:, L:], []
+        if cache.upper_stale or keep + R < L:
+            # fresh states: the window's first R positions rebuild every layer's last W-1 keys exactly
+            start = max(0, context.shape[1] - keep - R)
+            fresh = [new_mixer_state(self.config, n_lower + i, B, device, x.dtype) for i in range(len(self.upper))]
+            x, retrieval = self._run_upper(context[:, start:], cache.store, DocLayout(B, context.shape[1] - start),
+                                           None, fresh, context_positions[:, start:], context_valid[:, start:])
+            cache.states[n_lower:] = fresh
+            cache.upper_stale = False
+        else:
+            x, retrieval = self._run_upper(x, cache.store, layout, None, upper_states, positions, valid)
+        return x[:, x.shape[1] - keep:], [r[:, r.shape[1] - keep:] for r in retrieval]
 
     # ---------------------------------------------------------------- save/load
     def save_pretrained(self, directory: str | Path) -> None:

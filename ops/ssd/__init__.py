@@ -1,5 +1,5 @@
 """Mamba2's SSD scan and causal conv: pure-PyTorch references (the CUDA wrappers live in `.cuda`)."""
 
-from .naive import causal_conv1d_ref, ssd_scan
+from .naive import causal_conv1d_ref, ssd_scan, ssd_step
 
-__all__ = ["ssd_scan", "causal_conv1d_ref"]
+__all__ = ["ssd_scan", "ssd_step", "causal_conv1d_ref"]

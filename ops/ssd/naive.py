@@ -53,21 +53,28 @@ def _segsum(a: Tensor) -> Tensor:
 
 
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
-             D: Tensor | None = None, seq_start: Tensor | None = None) -> Tensor:
-    """Mamba2's chunked SSD scan; returns y `[b, l, h, p]` in x's dtype.
+             D: Tensor | None = None, seq_start: Tensor | None = None, initial_state: Tensor | None = None,
+             return_final_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Mamba2's chunked SSD scan; returns y `[b, l, h, p]` in x's dtype (and the final state).
 
     x: [b, l, h, p]; dt: [b, l, h] positive steps; A: [h] negative; B, C: [b, l, g, n], head i reads
-    group i // (h // g); D: [h] skip; seq_start: bool [b, l], True where a new document starts.
+    group i // (h // g); D: [h] skip; seq_start: bool [b, l], True where a new document starts;
+    initial_state: [b, h, p, n], the state before the first token (zeros if None). With
+    return_final_state, also returns the state after the last token, [b, h, p, n] in the compute dtype.
     Computed in float32 (float64 for float64 inputs) with O(l * chunk_size) memory.
     """
     _check_scan_shapes(x, dt, A, B, C, D, seq_start)
     if chunk_size < 1:
         raise ValueError(f"ssd_scan: chunk_size must be positive, got {chunk_size}")
     b, l, h, p = x.shape
-    if l == 0:
-        return x.clone()
     g, n = B.shape[2], B.shape[3]
     ct = _compute_dtype(x, dt, A, B, C)
+    if initial_state is not None and initial_state.shape != (b, h, p, n):
+        raise ValueError(f"ssd_scan: initial_state must be [b, h, p, n] = {(b, h, p, n)}, "
+                         f"got {tuple(initial_state.shape)}")
+    if l == 0:
+        final = x.new_zeros(b, h, p, n, dtype=ct) if initial_state is None else initial_state.to(ct)
+        return (x.clone(), final) if return_final_state else x.clone()
     q = chunk_size
     nc = -(-l // q)
     pad = nc * q - l
@@ -97,7 +104,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     chunk_states = torch.einsum("bcshn,bchs,bcshp->bchpn", Bs, to_end, xdt)
     carries = nstart[..., -1] == 0                                 # [b, c]: no document starts in the chunk
     chunk_decay = a_cum[..., -1].exp() * carries.unsqueeze(-1)     # [b, c, h]
-    state = chunk_states.new_zeros(b, h, p, n)
+    state = chunk_states.new_zeros(b, h, p, n) if initial_state is None else initial_state.to(ct)
     entering = []
     for c in range(nc):
         entering.append(state)
@@ -109,7 +116,8 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     y = y + torch.einsum("bcthn,bchpn,bcht->bcthp", Cs, states_in, reach)
     if D is not None:
         y = y + xs * D.to(ct)[:, None]
-    return y.reshape(b, nc * q, h, p)[:, :l].to(x.dtype)
+    y = y.reshape(b, nc * q, h, p)[:, :l].to(x.dtype)
+    return (y, state) if return_final_state else y
 
 
 def causal_conv1d_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None,
@@ -143,3 +151,23 @@ def causal_conv1d_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None,
             tap = tap * (offset >= j)
         out = out + tap
     return out.to(x.dtype)
+
+
+def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+             state: Tensor) -> tuple[Tensor, Tensor]:
+    """One token of the SSD recurrence: state = exp(dt*A) state + dt B ⊗ x; y = C · state + D x.
+
+    x: [b, h, p]; dt: [b, h]; A: [h]; B, C: [b, g, n]; D: [h]; state: [b, h, p, n] in the compute dtype.
+    Returns y [b, h, p] in x's dtype and the new state.
+    """
+    h = x.shape[1]
+    ct = state.dtype
+    Bh = B.to(ct).repeat_interleave(h // B.shape[1], dim=1)       # [b, h, n]
+    Ch = C.to(ct).repeat_interleave(h // C.shape[1], dim=1)
+    dtc = dt.to(ct)
+    decay = torch.exp(dtc * A.to(ct))[:, :, None, None]
+    state = decay * state + (dtc[:, :, None] * x.to(ct))[..., None] * Bh[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", state, Ch)
+    if D is not None:
+        y = y + x.to(ct) * D.to(ct)[:, None]
+    return y.to(x.dtype), state

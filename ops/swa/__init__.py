@@ -6,11 +6,12 @@ import torch
 
 from .flash import swa_flash
 from .flex import swa_flex
-from .naive import swa_reference
+from .naive import swa_cached_reference, swa_reference
 
 BACKENDS = {"torch": swa_reference, "flex": swa_flex, "flash": swa_flash}
 
-__all__ = ["BACKENDS", "sliding_window_attention", "swa_flash", "swa_flex", "swa_reference", "check_inputs"]
+__all__ = ["BACKENDS", "sliding_window_attention", "swa_cached_reference", "swa_flash", "swa_flex", "swa_reference",
+           "check_inputs"]
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..cache import ChunkStore, Mamba2State, SWAState
 from ..config import HSAHybridConfig
 from ..documents import DocLayout
 from .chunk_encoder import ChunkMemory
@@ -14,6 +15,7 @@ from .mlp import MLP
 from .norm import RMSNorm
 from .swa import SlidingWindowAttention
 
+MixerState = SWAState | Mamba2State
 MIXER_CLASSES: dict[str, type[nn.Module]] = {"swa": SlidingWindowAttention, "mamba2": Mamba2}
 
 
@@ -32,8 +34,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps) if config.plain_block_mlp else None
         self.mlp = MLP(config.d_model, config.intermediate_size) if config.plain_block_mlp else None
 
-    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), doc_ids)
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None, state: MixerState | None = None,
+                positions: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), doc_ids, state, positions, valid)
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
         return x
@@ -53,10 +56,12 @@ class HSABlock(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config.d_model, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None, memory: ChunkMemory,
-                layout: DocLayout) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.mixer(self.mixer_norm(x), doc_ids)
-        h, indices = self.hsa(self.hsa_norm(x), memory, layout)
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None, memory: ChunkMemory | ChunkStore,
+                layout: DocLayout, state: MixerState | None = None, positions: torch.Tensor | None = None,
+                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.mixer(self.mixer_norm(x), doc_ids, state, positions, valid)
+        hsa_positions = None if positions is None else positions.expand(x.shape[0], -1)
+        h, indices = self.hsa(self.hsa_norm(x), memory, layout, hsa_positions)
         mixed = x + h
         out = (x if self.bypass else mixed) + self.mlp(self.mlp_norm(mixed))
         return out, indices

@@ -22,6 +22,13 @@ class ChunkMemory:
     k: torch.Tensor
     v: torch.Tensor
 
+    def retrieval_landmarks(self) -> torch.Tensor:
+        return self.landmarks
+
+    def for_aggregate(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k, v and indices for hsa_aggregate (the cache's offloaded store renumbers; this does not)."""
+        return self.k, self.v, indices
+
 
 class EncoderLayer(nn.Module):
     """Pre-norm bidirectional transformer layer over the S+1 positions of one chunk; x: [M, S+1, d]."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,6 +13,9 @@ from ramba.ops import hsa_aggregate, hsa_retrieve
 from ..config import HSAHybridConfig
 from ..documents import DocLayout
 from .chunk_encoder import ChunkMemory
+
+if TYPE_CHECKING:
+    from ..cache import ChunkStore
 
 
 def retrieval_weights(scores: torch.Tensor, indices: torch.Tensor, kind: str) -> torch.Tensor:
@@ -29,7 +34,10 @@ def retrieval_weights(scores: torch.Tensor, indices: torch.Tensor, kind: str) ->
 
 
 class HSA(nn.Module):
-    """x [B, L, d] (normalised) and the chunk memory -> [B, L, d], plus the selected chunks [B, L, Hr, K]."""
+    """x [B, L, d] (normalised) and the chunk memory -> [B, L, d], plus the selected chunks [B, L, Hr, K].
+
+    positions [B, L]: absolute positions of the tokens (default: 0 .. L-1 in each document of the layout);
+    memory: the chunk memory of the whole input, or an inference cache's ChunkStore."""
 
     def __init__(self, config: HSAHybridConfig):
         super().__init__()
@@ -39,13 +47,14 @@ class HSA(nn.Module):
         self.qr_proj = nn.Linear(d, config.num_retrieval_heads * config.retrieval_dim, bias=False)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, d, bias=False)
 
-    def forward(self, x: torch.Tensor, memory: ChunkMemory, layout: DocLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, memory: ChunkMemory | ChunkStore, layout: DocLayout,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         xs = layout.unpack(x)
         N, L, _ = xs.shape
         qr = self.qr_proj(xs).view(N, L, cfg.num_retrieval_heads, cfg.retrieval_dim)
         indices, scores = hsa_retrieve(
-            qr, memory.landmarks, cfg.topk, cfg.chunk_size,
+            qr, memory.retrieval_landmarks(), cfg.topk, cfg.chunk_size, positions=positions,
             window=cfg.window if cfg.retrieve_beyond_window else None,
             backend=cfg.ops_backend, gumbel=cfg.gumbel_noise if self.training else 0.0,
         )
@@ -55,7 +64,8 @@ class HSA(nn.Module):
             kv_indices = indices.expand(-1, -1, cfg.num_kv_heads, -1)
             kv_weights = weights.expand(-1, -1, cfg.num_kv_heads, -1)
         q = self.q_proj(xs).view(N, L, cfg.num_heads, cfg.head_dim)
-        o = hsa_aggregate(q, memory.k, memory.v, kv_indices, kv_weights, cfg.chunk_size,
+        k, v, kv_indices = memory.for_aggregate(kv_indices)
+        o = hsa_aggregate(q, k, v, kv_indices, kv_weights, cfg.chunk_size,
                           softmax_off_by_one=cfg.softmax_off_by_one, backend=cfg.ops_backend)
         out = self.o_proj(o.reshape(N, L, -1))
         return layout.pack(out), layout.pack(indices)

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from ramba.backends import pick
 from ramba.config import HSAHybridConfig
-from ramba.ops.ssd import causal_conv1d_ref, ssd_scan
+from ramba.cache import Mamba2State
+from ramba.ops.ssd import causal_conv1d_ref, ssd_scan, ssd_step
 from ramba.ops.ssd.cuda import causal_conv1d_cuda, ssd_scan_cuda
 
 DT_MIN, DT_MAX, DT_INIT_FLOOR = 1e-3, 0.1, 1e-4
@@ -91,8 +92,13 @@ class Mamba2(nn.Module):
             if doc_ids.is_floating_point() or doc_ids.is_complex():
                 raise ValueError(f"Mamba2: doc_ids must be an integer tensor, got {doc_ids.dtype}")
 
-    def forward(self, x: Tensor, doc_ids: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, doc_ids: Tensor | None = None, state: Mamba2State | None = None,
+                positions: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
+        """x: [B, L, d_model] -> [B, L, d_model]. With a state (inference), continue from it and update it;
+        valid bool [B, L] marks real tokens (left padding is allowed before a row's first token)."""
         self._check_inputs(x, doc_ids)
+        if state is not None:
+            return self._forward_cached(x, state, valid)
         use_cuda = pick("mamba", self.backend, x.device) == "cuda"
         conv, scan = (causal_conv1d_cuda, ssd_scan_cuda) if use_cuda else (causal_conv1d_ref, ssd_scan)
         b, l, _ = x.shape
@@ -112,4 +118,28 @@ class Mamba2(nn.Module):
             self.D,
             seq_start,
         )
+        return self.out_proj(self.norm(y.reshape(b, l, self.d_inner), z))
+
+    def _forward_cached(self, x: Tensor, state: Mamba2State, valid: Tensor | None) -> Tensor:
+        b, l, _ = x.shape
+        z, xbc, dt = torch.split(self.in_proj(x), [self.d_inner, self.conv1d.in_channels, self.nheads], dim=-1)
+        seq_start = None
+        if valid is not None:  # padding feeds zeros to the conv and the state restarts at the first token
+            xbc = xbc * valid[..., None].to(xbc.dtype)
+            seq_start = valid & F.pad(~valid[:, :-1], (1, 0), value=False)
+        history = torch.cat([state.conv, xbc], dim=1)
+        conv = causal_conv1d_ref(history, self.conv1d.weight.squeeze(1), self.conv1d.bias)[:, -l:]
+        state.conv = history[:, history.shape[1] - state.conv.shape[1]:]
+        xs, B, C = torch.split(F.silu(conv), [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state],
+                               dim=-1)
+        ct = state.ssm.dtype
+        dt = F.softplus(dt.to(ct) + self.dt_bias.to(ct))
+        A = -torch.exp(self.A_log.to(ct))
+        xs, B, C = xs.reshape(b, l, self.nheads, self.headdim), B.reshape(b, l, self.ngroups, -1), C.reshape(b, l, self.ngroups, -1)
+        if l == 1 and seq_start is None:
+            y, state.ssm = ssd_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, state.ssm)
+            y = y[:, None]
+        else:
+            y, state.ssm = ssd_scan(xs, dt, A, B, C, self.chunk_size, self.D, seq_start, initial_state=state.ssm,
+                                    return_final_state=True)
         return self.out_proj(self.norm(y.reshape(b, l, self.d_inner), z))

@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from ramba.backends import pick
+from ramba.cache import SWAState
 from ramba.config import HSAHybridConfig
 from ramba.layers.rope import apply_rope, rope_angles
-from ramba.ops.swa import sliding_window_attention
+from ramba.ops.swa import sliding_window_attention, swa_cached_reference
 
 
 class SlidingWindowAttention(nn.Module):
@@ -26,14 +27,30 @@ class SlidingWindowAttention(nn.Module):
         self.v_proj = nn.Linear(config.d_model, config.num_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, L, d_model], doc_ids: optional integer [B, L] -> [B, L, d_model]."""
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, state: SWAState | None = None,
+                positions: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, L, d_model], doc_ids: optional integer [B, L] -> [B, L, d_model].
+
+        With a state (inference): positions [B, L] are absolute, valid bool [B, L] marks real tokens (not
+        padding); the keys of the last W-1 positions are read from and written back to the state.
+        """
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
-        cos, sin = rope_angles(torch.arange(length, device=x.device), self.head_dim, self.config.rope_theta)
+        if positions is None:
+            positions = torch.arange(length, device=x.device)
+        cos, sin = rope_angles(positions, self.head_dim, self.config.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        backend = pick("swa", self.config.swa_backend, x.device)
-        out = sliding_window_attention(q, k, v, self.config.window, doc_ids, backend)
+        if state is None:
+            backend = pick("swa", self.config.swa_backend, x.device)
+            out = sliding_window_attention(q, k, v, self.config.window, doc_ids, backend)
+        else:
+            keys, values = torch.cat([state.k, k], dim=1), torch.cat([state.v, v], dim=1)
+            real = torch.ones(batch, length, dtype=torch.bool, device=x.device) if valid is None else valid
+            key_valid = torch.cat([state.valid, real], dim=1)
+            out = swa_cached_reference(q, keys, values, self.config.window, key_valid)
+            keep = state.k.shape[1]
+            state.k, state.v = keys[:, keys.shape[1] - keep:], values[:, values.shape[1] - keep:]
+            state.valid = key_valid[:, key_valid.shape[1] - keep:]
         return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))

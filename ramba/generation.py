@@ -1,0 +1,93 @@
+"""Text generation with an inference cache: segment-wise prefill, then one token at a time."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from .model import HSAHybrid
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Sample from logits [B, V] with temperature and nucleus (top-p) filtering -> ids [B]."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each one
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(
+    model: HSAHybrid,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    attention_mask: torch.Tensor | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    stop_tokens: Iterable[int] = (),
+    pad_token_id: int = 0,
+    segment_size: int = 4096,
+    offload: bool = False,
+    generator: torch.Generator | None = None,
+    progress: bool | None = None,
+) -> torch.Tensor:
+    """Continue every row of input_ids [B, L] by up to max_new_tokens tokens -> [B, L + T].
+
+    attention_mask [B, L] marks left padding (0) of shorter prompts. Greedy unless do_sample (temperature,
+    top_p). A row stops after it emits one of stop_tokens; later positions get pad_token_id. The prompt is
+    prefilled in segments of segment_size tokens (a progress bar shows when there are several).
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, length] with length >= 1, got {tuple(input_ids.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if segment_size < 1:
+        raise ValueError(f"segment_size must be >= 1, got {segment_size}")
+    model.eval()
+    B, L = input_ids.shape
+    device = model.embed.weight.device
+    input_ids = input_ids.to(device)
+    valid = None
+    first = segment_size
+    if attention_mask is not None:
+        valid = attention_mask.to(device) != 0
+        if bool((valid[:, :-1] & ~valid[:, 1:]).any()):
+            raise ValueError("generate needs left padding (pad tokens before the prompt); right-padded prompts "
+                             "would continue from their padding")
+        first = max(segment_size, int((~valid).sum(1).max()) + 1)  # all padding goes into the first segment
+    stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+
+    cache = model.new_cache(B, offload=offload)
+    bounds = [0, *range(min(first, L), L, segment_size), L]
+    bar = tqdm(total=L, desc="prefill", unit="tok", disable=not (progress if progress is not None else len(bounds) > 2))
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        mask = None if valid is None or i else attention_mask[:, start:end]
+        logits = model(input_ids[:, start:end], attention_mask=mask, cache=cache,
+                       logits_to_keep=1 if end == L else 0).logits
+        bar.update(end - start)
+    bar.close()
+
+    out = [input_ids]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        last = logits[:, -1]
+        token = sample_next(last, temperature, top_p, generator) if do_sample else last.argmax(-1)
+        token = token.masked_fill(done, pad_token_id)
+        out.append(token[:, None])
+        done |= torch.isin(token, stops)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        logits = model(token[:, None], cache=cache).logits
+    return torch.cat(out, dim=1)
