@@ -1,0 +1,209 @@
+"""Long-context inference: prefill throughput, decode latency and peak memory, beside a dense model.
+
+python -m benchmarks.long_context --presets tiny,small --mixers swa,mamba2 --lengths 64k,1m,16m,64m \
+    [--segment 4096] [--decode-steps 16] [--out benchmarks/results/long_context.md]
+
+Random weights in bf16 on one CUDA GPU; the memory K/V are offloaded to pinned CPU memory when they would
+take more than --offload-above GiB of GPU memory. The dense baseline is a transformer of the same width and
+depth with full causal attention (SDPA) and a KV cache, run at the lengths where it fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ramba import HSAHybrid, HSAHybridConfig
+
+
+def parse_length(text: str) -> int:
+    """'64k' -> 65536, '1m' -> 1048576, '4096' -> 4096."""
+    text = text.strip().lower()
+    scale = {"k": 2**10, "m": 2**20, "g": 2**30}.get(text[-1:], 1)
+    return int(float(text.rstrip("kmg")) * scale)
+
+
+@dataclass
+class Result:
+    model: str
+    length: int
+    prefill_s: float | None
+    decode_ms: float | None
+    gpu_gib: float | None
+    cpu_gib: float
+    note: str = ""
+
+    def row(self) -> str:
+        tps = f"{self.length / self.prefill_s:,.0f}" if self.prefill_s else "-"
+        return (f"| {self.model} | {self.length:,} | {self.prefill_s and f'{self.prefill_s:.1f}' or '-'} | {tps} | "
+                f"{self.decode_ms and f'{self.decode_ms:.2f}' or '-'} | "
+                f"{self.gpu_gib is not None and f'{self.gpu_gib:.1f}' or '-'} | {self.cpu_gib:.1f} | {self.note} |")
+
+
+def cpu_peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def synchronize_time() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+class DenseBlock(nn.Module):
+    """Pre-norm transformer block with full causal attention and a growing KV cache."""
+
+    def __init__(self, config: HSAHybridConfig):
+        super().__init__()
+        d, self.h, self.kv, self.hd = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
+        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.qkv = nn.Linear(d, (self.h + 2 * self.kv) * self.hd, bias=False)
+        self.o = nn.Linear(self.h * self.hd, d, bias=False)
+        self.up = nn.Linear(d, 2 * config.intermediate_size, bias=False)
+        self.down = nn.Linear(config.intermediate_size, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cache: list[torch.Tensor]) -> torch.Tensor:
+        B, L, _ = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split([self.h * self.hd, self.kv * self.hd, self.kv * self.hd], -1)
+        q = q.view(B, L, self.h, self.hd).transpose(1, 2)
+        k = k.view(B, L, self.kv, self.hd).transpose(1, 2)
+        v = v.view(B, L, self.kv, self.hd).transpose(1, 2)
+        if cache:
+            k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+        cache[:] = [k, v]
+        offset = k.shape[2] - L
+        mask = None if offset == 0 else (torch.arange(L, device=x.device)[:, None] + offset
+                                         >= torch.arange(k.shape[2], device=x.device)[None])
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=offset == 0, enable_gqa=True)
+        x = x + self.o(att.transpose(1, 2).reshape(B, L, -1))
+        gate, up = self.up(self.norm2(x)).chunk(2, -1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class DenseModel(nn.Module):
+    """The dense baseline: same vocabulary, width and number of blocks as the hybrid."""
+
+    def __init__(self, config: HSAHybridConfig):
+        super().__init__()
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(DenseBlock(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    def forward(self, ids: torch.Tensor, caches: list[list[torch.Tensor]], keep: int) -> torch.Tensor:
+        x = self.embed(ids)
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, cache)
+        return self.head(self.norm(x[:, x.shape[1] - keep:]))
+
+
+@torch.no_grad()
+def run_hybrid(config: HSAHybridConfig, length: int, segment: int, decode_steps: int, offload_above: float,
+               name: str) -> Result:
+    model = HSAHybrid(config).cuda().to(torch.bfloat16).eval()
+    kv_gib = 2 * length * config.num_kv_heads * config.head_dim * 2 / 2**30
+    offload = kv_gib > offload_above
+    torch.cuda.reset_peak_memory_stats()
+    cache = model.new_cache(1, offload=offload)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    start = synchronize_time()
+    for pos in tqdm(range(0, length, segment), desc=f"{name} {length:,}", unit="seg", leave=False):
+        ids = torch.randint(0, config.vocab_size, (1, min(segment, length - pos)), device="cuda", generator=gen)
+        out = model(ids, cache=cache, logits_to_keep=1 if pos + segment >= length else 0)
+    prefill = synchronize_time() - start
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    times = []
+    for _ in range(decode_steps):
+        t0 = synchronize_time()
+        token = model(token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+        times.append(synchronize_time() - t0)
+    decode = statistics.median(times[len(times) // 4:]) * 1e3 if times else None
+    note = "offload" if offload else ""
+    return Result(name, length, prefill, decode, torch.cuda.max_memory_allocated() / 2**30, cpu_peak_gib(), note)
+
+
+@torch.no_grad()
+def run_dense(config: HSAHybridConfig, length: int, segment: int, decode_steps: int, name: str,
+              budget_s: float) -> Result:
+    model = DenseModel(config).cuda().to(torch.bfloat16).eval()
+    torch.cuda.reset_peak_memory_stats()
+    caches: list[list[torch.Tensor]] = [[] for _ in model.blocks]
+    start = synchronize_time()
+    try:
+        for pos in range(0, length, segment):
+            ids = torch.randint(0, config.vocab_size, (1, min(segment, length - pos)), device="cuda")
+            out = model(ids, caches, 1)
+            if synchronize_time() - start > budget_s:
+                done = pos + segment
+                estimate = (synchronize_time() - start) * (length / done) ** 2
+                return Result(name, length, None, None, torch.cuda.max_memory_allocated() / 2**30, cpu_peak_gib(),
+                              f"stopped after {done:,} tokens; quadratic estimate {estimate / 60:.0f} min")
+        prefill = synchronize_time() - start
+        token = out[:, -1].argmax(-1, keepdim=True)
+        times = []
+        for _ in range(decode_steps):
+            t0 = synchronize_time()
+            token = model(token, caches, 1)[:, -1].argmax(-1, keepdim=True)
+            times.append(synchronize_time() - t0)
+    except torch.cuda.OutOfMemoryError:
+        return Result(name, length, None, None, None, cpu_peak_gib(), "does not fit in GPU memory")
+    finally:
+        caches.clear()
+    decode = statistics.median(times[len(times) // 4:]) * 1e3 if times else None
+    return Result(name, length, prefill, decode, torch.cuda.max_memory_allocated() / 2**30, cpu_peak_gib())
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default="tiny,small")
+    p.add_argument("--mixers", default="swa,mamba2")
+    p.add_argument("--lengths", default="64k,1m,16m,64m")
+    p.add_argument("--segment", type=int, default=4096)
+    p.add_argument("--decode-steps", type=int, default=16)
+    p.add_argument("--offload-above", type=float, default=8.0, help="GiB of memory K/V above which to offload")
+    p.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--dense-budget", type=float, default=120.0, help="seconds before a dense prefill is cut short")
+    p.add_argument("--out", help="also write the markdown table to this file")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks.long_context measures GPU inference and needs a CUDA GPU")
+    lengths = [parse_length(x) for x in args.lengths.split(",")]
+    results = []
+    for preset in args.presets.split(","):
+        for mixer in args.mixers.split(","):
+            config = HSAHybridConfig.preset(preset, local_mixer=mixer)
+            for length in lengths:
+                try:
+                    results.append(run_hybrid(config, length, args.segment, args.decode_steps, args.offload_above,
+                                              f"{preset} {mixer}"))
+                except (torch.cuda.OutOfMemoryError, MemoryError) as err:
+                    results.append(Result(f"{preset} {mixer}", length, None, None, None, cpu_peak_gib(),
+                                          f"failed: {str(err)[:80]}"))
+                torch.cuda.empty_cache()
+        if args.dense:
+            config = HSAHybridConfig.preset(preset)
+            for length in lengths:
+                results.append(run_dense(config, length, args.segment, args.decode_steps, f"{preset} dense",
+                                         args.dense_budget))
+                torch.cuda.empty_cache()
+    header = ["| model | tokens | prefill s | prefill tok/s | decode ms/token | peak GPU GiB | peak CPU GiB | note |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    table = "\n".join(header + [r.row() for r in results])
+    print(table)
+    if args.out:
+        props = torch.cuda.get_device_properties(0)
+        with open(args.out, "w") as f:
+            f.write(f"# Long-context inference\n\n`python -m benchmarks.long_context {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
+                    f"{props.name}, torch {torch.__version__}, bf16, segment {args.segment}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
