@@ -9,6 +9,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .cache import HSACache, new_mixer_state
@@ -54,6 +55,7 @@ class HSAHybrid(nn.Module):
         )
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # recompute each block in the backward pass to save memory
         self.reset_parameters()
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -159,6 +161,12 @@ class HSAHybrid(nn.Module):
                                    ignore_index=IGNORE_INDEX)
         return HSAOutput(logits=logits, loss=loss, retrieval=retrieval if return_retrieval else None)
 
+    def _block(self, block: nn.Module, *args):
+        """Run a block, through activation checkpointing when gradient_checkpointing is on in training."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
     def _run_upper(self, x: torch.Tensor, memory, layout: DocLayout, doc_ids: torch.Tensor | None,
                    states: list | None, positions: torch.Tensor | None,
                    valid: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -166,10 +174,10 @@ class HSAHybrid(nn.Module):
         for i, block in enumerate(self.upper):
             state = None if states is None else states[i]
             if isinstance(block, HSABlock):
-                x, indices = block(x, doc_ids, memory, layout, state, positions, valid)
+                x, indices = self._block(block, x, doc_ids, memory, layout, state, positions, valid)
                 retrieval.append(indices)
             else:
-                x = block(x, doc_ids, state, positions, valid)
+                x = self._block(block, x, doc_ids, state, positions, valid)
         return x, retrieval
 
     def _forward_full(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, doc_ids: torch.Tensor | None,
@@ -179,7 +187,7 @@ class HSAHybrid(nn.Module):
         layout = build_layout(tuple(input_ids.shape), input_ids.device, attention_mask, doc_ids, cu_seqlens)
         x = self.embed(input_ids.long())
         for block in self.lower:
-            x = block(x, layout.doc_ids)
+            x = self._block(block, x, layout.doc_ids)
         memory = self.encoder(layout.unpack(self.memory_norm(x)))
         start = length - keep - self.upper_receptive_field
         if self.upper_all_swa and layout.trivial and start > 0:  # exact shortcut: only the receptive field

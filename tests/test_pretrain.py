@@ -1,43 +1,118 @@
-"""recipes/pretrain.py end to end on the CPU: a few steps lower the held-out loss and leave a loadable model."""
+"""recipes/pretrain.py and ramba.training end to end on the CPU."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from ramba import HSAHybrid, HSAHybridConfig
-from ramba.data.synthetic import make_batch
+from ramba.training.checkpoint import CheckpointError, checkpoints
+from ramba.training.config import RunConfigError, load_run_config
+from ramba.training.data import pack
+from ramba.training.trainer import eval_batches, evaluate, param_groups
 from ramba.tokenizer import ByteTokenizer
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "pretrain.py"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+SMALL = ["model.overrides.d_model=64", "model.overrides.num_heads=2", "model.overrides.head_dim=32",
+         "model.overrides.intermediate_size=128", "model.overrides.window=64", "data.seq_len=256",
+         "train.batch_size=2", "data.eval_sequences=2", "train.log_every=1", "train.warmup=2", "train.lr=3e-3"]
 
 
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("pretrain", RECIPE)
+def recipe():
+    spec = importlib.util.spec_from_file_location("pretrain", RECIPES / "pretrain.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
 def test_pretrain_lowers_the_loss_and_saves(tmp_path):
-    recipe = load_recipe()
-    final = recipe.main(["--steps", "12", "--batch-size", "2", "--seq-len", "256", "--warmup", "2", "--lr", "3e-3",
-                         "--eval-size", "2", "--output-dir", str(tmp_path)])
-    assert (final / "config.json").is_file() and (final / "model.safetensors").is_file()
+    final = recipe().main(SMALL + ["train.steps=12", f"train.output_dir={tmp_path}"])
+    assert (final / "model.safetensors").is_file() and (tmp_path / "config.yaml").is_file()
+    run = load_run_config(tmp_path / "config.yaml")  # the saved config reproduces the run's settings
+    assert run.train.steps == 12 and run.model.overrides["d_model"] == 64
     trained = HSAHybrid.from_pretrained(final)
-    torch.manual_seed(0)  # the recipe's seed: the same initial weights
-    untrained = HSAHybrid(HSAHybridConfig.preset("tiny"))
-    batch = make_batch(12345, 4, 256, ByteTokenizer())
-    before, _ = recipe.evaluate(untrained, batch)
-    after, _ = recipe.evaluate(trained, batch)
-    assert after < before - 1.0
+    torch.manual_seed(0)
+    untrained = HSAHybrid(trained.config)
+    held_out = eval_batches(run, ByteTokenizer(), seed=123)
+    assert evaluate(trained, held_out, torch.device("cpu"))["eval_loss"] < \
+        evaluate(untrained, held_out, torch.device("cpu"))["eval_loss"] - 1.0
 
 
-def test_pretrain_rejects_bad_arguments(capsys):
-    recipe = load_recipe()
-    with pytest.raises(SystemExit):
-        recipe.main(["--steps", "0"])
-    assert "--steps must be at least 1" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="unknown preset"):
-        recipe.main(["--preset", "nope"])
+def test_resume_continues_exactly(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    common = SMALL + ["train.steps=6", "train.save_every=2", "train.keep=2", "model.overrides.gumbel_noise=0.5"]
+    recipe().main(common + [f"train.output_dir={whole}"])
+    recipe().main(common + [f"train.output_dir={parts}", "train.stop_after=3"])
+    assert [p.name for p in checkpoints(parts)] == ["step_00000002", "step_00000003"]
+    assert not (parts / "final").exists()
+    recipe().main(common + [f"train.output_dir={parts}", "--resume"])
+    assert losses(parts) == losses(whole) and len(losses(whole)) == 6
+    assert [p.name for p in checkpoints(parts)] == ["step_00000004", "step_00000006"]  # pruned to keep=2
+
+
+def test_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        recipe().main(SMALL + ["train.steps=2", f"train.output_dir={tmp_path}", "--resume"])
+    recipe().main(SMALL + ["train.steps=2", "train.save_every=1", f"train.output_dir={tmp_path}"])
+    newest = checkpoints(tmp_path)[-1]
+    (newest / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        recipe().main(SMALL + ["train.steps=4", f"train.output_dir={tmp_path}", "--resume"])
+    (newest.parent / "step_00000009.tmp").mkdir()  # a half-written checkpoint is never taken for a good one
+    assert checkpoints(tmp_path)[-1] == newest
+
+
+def test_bad_config_keys_and_types_are_named(tmp_path):
+    with pytest.raises(RunConfigError, match="train.lrr"):
+        load_run_config(None, ["train.lrr=1"])
+    with pytest.raises(RunConfigError, match="train.steps must be of type int"):
+        load_run_config(None, ["train.steps=many"])
+    (tmp_path / "c.yaml").write_text("train:\n  batch_size: [1, 2]\n")
+    with pytest.raises(RunConfigError, match="train.batch_size"):
+        load_run_config(tmp_path / "c.yaml")
+    with pytest.raises(RunConfigError, match="at least 1"):
+        load_run_config(None, ["train.steps=0"])
+    for name in ("tiny", "small", "ramba-370m"):
+        assert load_run_config(RECIPES / "configs" / f"{name}.yaml").model.preset == name
+
+
+def test_packed_corpus_keeps_documents_apart(tmp_path):
+    docs = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11, 12, 13, 14, 15, 16]]
+    rows = list(pack(iter(docs), 6, eos_id=0))
+    flat = torch.cat([r["input_ids"] for r in rows]).tolist()
+    assert flat == [1, 2, 3, 0, 4, 5, 6, 7, 8, 0, 9, 0, 10, 11, 12, 13, 14, 15]
+    assert rows[0]["doc_ids"].tolist() == [0, 0, 0, 0, 1, 1] and rows[1]["doc_ids"].tolist() == [0, 0, 0, 0, 1, 1]
+    assert rows[0]["labels"].tolist() == [-100, 2, 3, 0, -100, 5]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": "word " * n}) for n in range(20, 400, 7)))
+    final = recipe().main(SMALL + ["train.steps=2", f"data.source={corpus}", f"train.output_dir={tmp_path / 'run'}"])
+    assert (final / "model.safetensors").is_file()
+
+
+def test_no_weight_decay_on_norms_biases_and_marked():
+    model = HSAHybrid(HSAHybridConfig.preset("tiny", local_mixer="mamba2"))
+    decay, plain = param_groups(model, 0.1)
+    plain_ids = {id(p) for p in plain["params"]}
+    for name, p in model.named_parameters():
+        expect_plain = p.dim() < 2 or name.endswith(("A_log", "dt_bias", ".D"))
+        assert (id(p) in plain_ids) == expect_plain, name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = HSAHybrid(HSAHybridConfig.preset("tiny", d_model=64, num_heads=2, head_dim=32, intermediate_size=96))
+    ids = torch.randint(0, 259, (2, 200))
+    grads = []
+    for flag in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = flag
+        model(ids, labels=ids).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))

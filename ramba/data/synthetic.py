@@ -206,8 +206,8 @@ def kv_recall_document(rng: random.Random, length_chars: int, n_pairs: int) -> S
     return Sample(prompt, answer, starts[asked])
 
 
-def _examples(rng: random.Random, seq_len: int, tokenizer: ByteTokenizer) -> Iterator[tuple[torch.Tensor, ...]]:
-    """(input_ids, labels, answer_mask) forever; one bos + prompt + answer + eos document per example."""
+def _examples(rng: random.Random, seq_len: int, tokenizer: ByteTokenizer) -> Iterator[dict[str, torch.Tensor]]:
+    """Examples forever (see `synthetic_examples`); one bos + prompt + answer + eos document per example."""
     while True:
         length = rng.randint(math.ceil(MIN_FILL * seq_len), seq_len - 2)
         if rng.random() < 0.5:
@@ -225,10 +225,14 @@ def _examples(rng: random.Random, seq_len: int, tokenizer: ByteTokenizer) -> Ite
         labels[len(ids):] = -100
         mask = torch.zeros(seq_len, dtype=torch.bool)
         mask[len(prompt):len(prompt) + len(answer)] = True
-        yield input_ids, labels, mask
+        needle = 1 + len(tokenizer.encode(sample.prompt[:sample.needle_start]))
+        yield {"input_ids": input_ids, "labels": labels, "answer_mask": mask, "needle_pos": torch.tensor(needle)}
 
 
-def _stream(seed: int, seq_len: int, tokenizer: ByteTokenizer) -> Iterator[tuple[torch.Tensor, ...]]:
+def synthetic_examples(seed: int, seq_len: int, tokenizer: ByteTokenizer) -> Iterator[dict[str, torch.Tensor]]:
+    """Infinite deterministic stream of examples, one pass-key or key-value document each, as dicts:
+    input_ids, labels [seq_len] (labels unshifted, -100 on padding), answer_mask bool [seq_len] (the answer
+    tokens) and needle_pos (token index where the fact that holds the answer starts)."""
     if seq_len < MIN_SEQ_LEN:
         raise ValueError(f"seq_len must be >= {MIN_SEQ_LEN}, got {seq_len}")
     return _examples(random.Random(seed), seq_len, tokenizer)
@@ -240,14 +244,14 @@ def training_mixture(seed: int, seq_len: int, tokenizer: ByteTokenizer) -> Itera
     Each example is one pass-key or key-value document (50/50, random depth) filling 70-100% of
     seq_len, right-padded with pad_id; labels equal input_ids (unshifted) with -100 on pads.
     """
-    return ((ids, labels) for ids, labels, _ in _stream(seed, seq_len, tokenizer))
+    return ((ex["input_ids"], ex["labels"]) for ex in synthetic_examples(seed, seq_len, tokenizer))
 
 
 def make_batch(seed: int, batch_size: int, seq_len: int, tokenizer: ByteTokenizer) -> dict[str, torch.Tensor]:
-    """The first `batch_size` examples of `training_mixture(seed, ...)` stacked, plus `answer_mask`.
+    """The first `batch_size` examples of `synthetic_examples(seed, ...)` stacked.
 
-    Keys: input_ids, labels (LongTensor [B, seq_len]); answer_mask (bool [B, seq_len], True on answer tokens).
+    Keys: input_ids, labels (LongTensor [B, seq_len]); answer_mask (bool [B, seq_len], True on answer tokens);
+    needle_pos [B].
     """
-    rows = list(islice(_stream(seed, seq_len, tokenizer), batch_size))
-    ids, labels, masks = zip(*rows)
-    return {"input_ids": torch.stack(ids), "labels": torch.stack(labels), "answer_mask": torch.stack(masks)}
+    rows = list(islice(synthetic_examples(seed, seq_len, tokenizer), batch_size))
+    return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}

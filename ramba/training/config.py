@@ -1,0 +1,152 @@
+"""Run configuration of the recipes: YAML files with `section.key=value` overrides from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class RunConfigError(ValueError):
+    """A run configuration key is unknown or has a value of the wrong type."""
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)  # any HSAHybridConfig field
+    checkpoint: str | None = None  # start from these weights (a save_pretrained directory) instead
+
+
+@dataclass
+class DataSection:
+    source: str = "builtin"  # "builtin", a datasets hub name, or local .txt/.jsonl/.json/.parquet files or folder
+    tokenizer: str = "byte"  # "byte" or a Hugging Face tokenizer name or local path
+    seq_len: int = 1024
+    text_field: str = "text"
+    hub_config: str | None = None
+    split: str = "train"
+    streaming: bool = True
+    eval_sequences: int = 16  # held-out sequences (builtin: a separate seed; else the first ones of the stream)
+
+
+@dataclass
+class TrainSection:
+    steps: int = 200
+    batch_size: int = 8  # sequences per device per micro-step
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 30
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    clip: float = 1.0
+    mixed_precision: str = "auto"  # "auto" (bf16 on CUDA, none on CPU), "bf16", "fp16", "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    save_every: int = 100
+    keep: int = 3
+    stop_after: int | None = None  # end this process after that step (e.g. a time-limited job); resume later
+    output_dir: str = "runs/pretrain"
+    tensorboard: bool = False  # also log to TensorBoard (metrics.jsonl is always written)
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def validate(self) -> None:
+        t, d = self.train, self.data
+        positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+                    "train.log_every": t.log_every, "train.eval_every": t.eval_every,
+                    "train.save_every": t.save_every, "train.keep": t.keep, "data.seq_len": d.seq_len}
+        for key, value in positive.items():
+            if value < 1:
+                raise RunConfigError(f"{key} must be at least 1, got {value}")
+        if t.mixed_precision not in ("auto", "bf16", "fp16", "no"):
+            raise RunConfigError(f"train.mixed_precision must be auto, bf16, fp16 or no, got {t.mixed_precision!r}")
+        if not 0 <= t.min_lr_ratio <= 1 or t.lr <= 0:
+            raise RunConfigError("train.lr must be positive and train.min_lr_ratio in [0, 1]")
+        if len(t.betas) != 2:
+            raise RunConfigError(f"train.betas must be two numbers, got {t.betas}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """value if it fits the field's annotation (ints accepted for floats), else a RunConfigError."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(o for o in options if o is not type(None))
+        origin = typing.get_origin(hint)
+    expected = origin or hint
+    if expected is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads 1e-3 as a string
+            return float(value)
+        except ValueError:
+            pass
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise RunConfigError(f"{key} must be of type {getattr(expected, '__name__', expected)}, got "
+                             f"{type(value).__name__} {value!r}")
+    return value
+
+
+def _merge(section: Any, values: dict[str, Any], prefix: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    hints = typing.get_type_hints(type(section))
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise RunConfigError(f"unknown config key {name!r} (known in this section: {', '.join(fields)})")
+        if dataclasses.is_dataclass(fields[key].type) or dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise RunConfigError(f"{name} must be a mapping, got {value!r}")
+            _merge(getattr(section, key), value, f"{name}.")
+        elif key == "overrides" and isinstance(value, dict):
+            getattr(section, key).update(value)
+        else:
+            setattr(section, key, _check_type(name, value, hints[key]))
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """'train.lr=1e-3' -> {'train': {'lr': 0.001}}; the value is read as YAML."""
+    if "=" not in text:
+        raise RunConfigError(f"override {text!r} must look like section.key=value, e.g. train.lr=1e-3")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """The defaults, updated by a YAML file, then by `section.key=value` overrides."""
+    config = RunConfig()
+    if path is not None:
+        if not Path(path).is_file():
+            raise RunConfigError(f"config file {path} not found")
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise RunConfigError(f"{path} must hold a mapping of sections (model, data, train)")
+        _merge(config, data, "")
+    for text in overrides:
+        _merge(config, parse_override(text), "")
+    config.validate()
+    return config

@@ -1,0 +1,135 @@
+"""Training data: tokenizers, document sources, and packing into fixed-length sequences.
+
+Sources: "builtin" (the synthetic pass-key / key-value mixture, one document per sequence, with the answer
+and needle positions for retrieval statistics), local text / jsonl / parquet files, or a `datasets` hub
+name (streamed). Documents of a corpus are tokenized, joined with an end-of-sequence token and cut into
+sequences of seq_len tokens with per-token document ids, so that the model keeps documents apart.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from ..data.synthetic import synthetic_examples
+from ..tokenizer import ByteTokenizer
+from .config import DataSection
+
+FILE_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer behind the small interface the recipes use."""
+
+    def __init__(self, name_or_path: str):
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as err:
+            raise ImportError(f"data.tokenizer={name_or_path!r} needs the transformers package: "
+                              "pip install transformers (or use data.tokenizer=byte)") from err
+        self.tok = AutoTokenizer.from_pretrained(name_or_path)
+        self.vocab_size = len(self.tok)
+        self.eos_id = self.tok.eos_token_id
+        if self.eos_id is None:
+            raise ValueError(f"tokenizer {name_or_path!r} has no end-of-sequence token to separate documents")
+        self.bos_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.eos_id
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """"byte" -> the built-in ByteTokenizer; anything else -> a Hugging Face tokenizer (name or local path)."""
+    return ByteTokenizer() if spec == "byte" else HFTokenizer(spec)
+
+
+def _load_dataset(data: DataSection, seed: int):
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(f"data.source={data.source!r} needs the datasets package: pip install datasets") from err
+    path = Path(data.source)
+    if path.exists():
+        files = sorted(p for p in path.rglob("*") if p.suffix in FILE_FORMATS) if path.is_dir() else [path]
+        formats = {FILE_FORMATS.get(p.suffix) for p in files}
+        if not files or None in formats or len(formats) > 1:
+            raise ValueError(f"data.source {data.source}: give .txt, .jsonl/.json or .parquet files of one kind, "
+                             f"found {[p.name for p in files][:5] or 'none'}")
+        dataset = datasets.load_dataset(formats.pop(), data_files=[str(p) for p in files], split="train",
+                                        streaming=data.streaming)
+    else:
+        dataset = datasets.load_dataset(data.source, data.hub_config, split=data.split, streaming=data.streaming)
+    return dataset.shuffle(seed=seed, buffer_size=10_000) if data.streaming else dataset.shuffle(seed=seed)
+
+
+def corpus_documents(data: DataSection, seed: int) -> Iterator[str]:
+    """The texts of a local or hub dataset, in an order fixed by the seed (one pass)."""
+    for example in _load_dataset(data, seed):
+        if data.text_field not in example:
+            raise KeyError(f"data.text_field={data.text_field!r} is not a field of {data.source}; "
+                           f"fields: {sorted(example)}")
+        yield example[data.text_field]
+
+
+def pack(documents: Iterator[list[int]], seq_len: int, eos_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Join token lists (each followed by eos) and cut them into sequences of seq_len tokens.
+
+    Yields input_ids, labels and doc_ids [seq_len]; a document cut at a sequence edge continues as a new
+    document at the start of the next sequence. labels are -100 on the first token of every document (it
+    cannot be predicted from the previous document) and otherwise equal input_ids (the model shifts them).
+    """
+    ids: list[int] = []
+    docs: list[int] = []
+    doc = 0
+    for tokens in documents:
+        tokens = tokens + [eos_id]
+        while tokens:
+            take = tokens[:seq_len - len(ids)]
+            tokens = tokens[len(take):]
+            ids += take
+            docs += [doc] * len(take)
+            if len(ids) == seq_len:
+                input_ids, doc_ids = torch.tensor(ids), torch.tensor(docs)
+                labels = input_ids.clone()
+                starts = torch.ones(seq_len, dtype=torch.bool)
+                starts[1:] = doc_ids[1:] != doc_ids[:-1]
+                labels[starts] = -100
+                yield {"input_ids": input_ids, "labels": labels, "doc_ids": doc_ids - doc_ids[0]}
+                ids, docs = [], []
+        doc += 1
+
+
+def sequences(data: DataSection, tokenizer: Tokenizer, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The infinite training stream of one process: corpus passes repeat with a new shuffle each epoch."""
+    if data.source == "builtin":
+        yield from synthetic_examples(seed, data.seq_len, tokenizer)
+        return
+    for epoch in itertools.count():
+        docs = (tokenizer.encode(text) for text in corpus_documents(data, seed + epoch))
+        empty = True
+        for example in pack(docs, data.seq_len, tokenizer.eos_id):
+            empty = False
+            yield example
+        if empty:
+            raise ValueError(f"data.source {data.source} holds fewer than data.seq_len={data.seq_len} tokens")
+
+
+def batches(stream: Iterator[dict[str, torch.Tensor]], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Stack consecutive examples into batches of batch_size."""
+    while True:
+        rows = list(itertools.islice(stream, batch_size))
+        yield {key: torch.stack([row[key] for row in rows]) for key in rows[0]}

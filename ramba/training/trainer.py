@@ -1,0 +1,209 @@
+"""The training loop of the recipes: accelerate, AdamW, warmup + cosine, accumulation, checkpoints, logs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from ..config import HSAHybridConfig
+from ..data.synthetic import synthetic_examples
+from ..model import HSAHybrid
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import RunConfig
+from .data import batches, load_tokenizer, sequences
+
+logger = logging.getLogger("ramba.train")
+EVAL_SEED_OFFSET = 10**6
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warmup to 1, then cosine decay to min_ratio at step `total`."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def build_model(run: RunConfig, vocab: int) -> HSAHybrid:
+    if run.model.checkpoint:
+        model = HSAHybrid.from_pretrained(run.model.checkpoint)
+    else:
+        model = HSAHybrid(HSAHybridConfig.preset(run.model.preset, **run.model.overrides))
+    if model.config.vocab_size < vocab:
+        raise ValueError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's {vocab}: "
+                         f"set model.overrides.vocab_size={vocab}")
+    model.gradient_checkpointing = run.train.gradient_checkpointing
+    return model
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on norms, biases and parameters marked _no_weight_decay."""
+    decay, plain = [], []
+    for p in model.parameters():
+        (plain if p.dim() < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def retrieval_hits(retrieval: list[torch.Tensor], batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+    """Fraction of answer-predicting positions whose first HSA block selected the chunk holding the needle."""
+    indices = retrieval[0]                                             # [B, L, Hr, K]
+    predicting = batch["answer_mask"][:, 1:]                           # position t predicts token t + 1
+    needle_chunk = (batch["needle_pos"] // chunk_size)[:, None, None, None]
+    hit = (indices[:, :-1] == needle_chunk).flatten(2).any(-1)        # [B, L - 1]
+    return hit[predicting].float().mean()
+
+
+def eval_batches(run: RunConfig, tokenizer, seed: int) -> list[dict[str, torch.Tensor]]:
+    """Held-out sequences: a separate seed of the builtin mixture, or the first sequences of a corpus stream."""
+    if run.data.source == "builtin":
+        stream: Iterator = synthetic_examples(seed + EVAL_SEED_OFFSET, run.data.seq_len, tokenizer)
+    else:
+        stream = sequences(run.data, tokenizer, seed + EVAL_SEED_OFFSET)
+    rows = list(itertools.islice(stream, run.data.eval_sequences))
+    size = run.train.batch_size
+    return [{k: torch.stack([r[k] for r in rows[i:i + size]]) for k in rows[0]} for i in range(0, len(rows), size)]
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in ("input_ids", "labels", "doc_ids") if k in batch}
+
+
+@torch.no_grad()
+def evaluate(model: HSAHybrid, held_out: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
+    """Mean loss over the held-out batches, and for builtin data the answer accuracy (all answer tokens right
+    under greedy next-token prediction) and the retrieval hit rate."""
+    model.eval()
+    losses, correct, hits = [], [], []
+    for batch in held_out:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(**model_inputs(batch), return_retrieval="answer_mask" in batch)
+        losses.append(float(out.loss))
+        if "answer_mask" in batch:
+            predicted = out.logits[:, :-1].argmax(-1)
+            mask = batch["answer_mask"][:, 1:]
+            correct.append(((predicted == batch["input_ids"][:, 1:]) | ~mask).all(1).float().mean().item())
+            hits.append(retrieval_hits(out.retrieval, batch, model.config.chunk_size).item())
+    model.train()
+    result = {"eval_loss": sum(losses) / len(losses)}
+    if correct:
+        result |= {"eval_answer_accuracy": sum(correct) / len(correct), "eval_retrieval_hit": sum(hits) / len(hits)}
+    return result
+
+
+class MetricsLog:
+    """metrics.jsonl in the run folder (always) and TensorBoard (optionally); main process only."""
+
+    def __init__(self, accelerator: Accelerator, output_dir: Path, tensorboard: bool):
+        self.accelerator = accelerator
+        self.path = output_dir / "metrics.jsonl"
+        self.tensorboard = tensorboard
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tensorboard:
+            self.accelerator.log(values, step=step)
+
+
+def train(run: RunConfig, resume: bool | str = False) -> Path:
+    """Run (or resume) the training that `run` describes; returns the folder of the final model."""
+    t = run.train
+    precision = ("bf16" if torch.cuda.is_available() else "no") if t.mixed_precision == "auto" else t.mixed_precision
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=t.grad_accum,
+                              log_with="tensorboard" if t.tensorboard else None, project_dir=t.output_dir)
+    if accelerator.device.type == "cpu" and accelerator.num_processes == 1:
+        torch.set_num_threads(os.cpu_count() or 1)  # accelerate launch pins one thread per process
+    output_dir = Path(t.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        run.save(output_dir / "config.yaml")
+        if not resume:
+            (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    set_seed(t.seed)
+    tokenizer = load_tokenizer(run.data.tokenizer)
+    model = build_model(run, tokenizer.vocab_size)
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup, t.steps, t.min_lr_ratio))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if t.tensorboard:
+        accelerator.init_trackers("ramba")
+    logger.info("model: %.2fM parameters, %s mixer; %d process(es), precision %s",
+                accelerator.unwrap_model(model).num_parameters() / 1e6,
+                accelerator.unwrap_model(model).config.local_mixer, accelerator.num_processes, precision)
+
+    step, position = 0, 0
+    if resume:
+        state = load_checkpoint(accelerator, output_dir, None if resume is True else resume)
+        step, position = state["step"], state["position"]
+        logger.info("resumed from step %d", step)
+    stream = batches(sequences(run.data, tokenizer, t.seed * 1009 + accelerator.process_index), t.batch_size)
+    for _ in range(position):  # skip what earlier runs consumed: the data order stays exactly the same
+        next(stream)
+    held_out = eval_batches(run, tokenizer, t.seed)
+    log = MetricsLog(accelerator, output_dir, t.tensorboard)
+    chunk_size = accelerator.unwrap_model(model).config.chunk_size
+    stats = run.data.source == "builtin"
+
+    bar = tqdm(total=t.steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
+    last = time.perf_counter()
+    while step < t.steps:
+        losses, hits, tokens = [], [], 0
+        for _ in range(t.grad_accum):
+            batch = {k: v.to(accelerator.device) for k, v in next(stream).items()}
+            position += 1
+            with accelerator.accumulate(model):
+                out = model(**model_inputs(batch), return_retrieval=stats)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), t.clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(out.loss.item())
+            tokens += int((batch["labels"] != -100).sum())
+            if stats:
+                hits.append(retrieval_hits(out.retrieval, batch, chunk_size).item())
+        step += 1
+        now = time.perf_counter()
+        metrics = {"loss": sum(losses) / len(losses), "lr": scheduler.get_last_lr()[0],
+                   "tokens_per_s": tokens * accelerator.num_processes / (now - last)}
+        last = now
+        if hits:
+            metrics["retrieval_hit"] = sum(hits) / len(hits)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
+        if step % t.log_every == 0 or step == t.steps:
+            log.log(step, metrics)
+        if step % t.eval_every == 0 or step == t.steps:
+            result = evaluate(accelerator.unwrap_model(model), held_out, accelerator.device)
+            log.log(step, result)
+            logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+        stopping = t.stop_after is not None and step >= t.stop_after and step < t.steps
+        if step % t.save_every == 0 or step == t.steps or stopping:
+            save_checkpoint(accelerator, output_dir, step, {"position": position}, t.keep)
+        if stopping:
+            logger.info("stopping after step %d as asked; continue with --resume", step)
+            bar.close()
+            return output_dir
+    bar.close()
+    final = output_dir / "final"
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(final)
+        logger.info("saved %s", final)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
