@@ -58,7 +58,8 @@ class HSAHybridConfig:
     mamba_head_dim: int = 64
     n_groups: int = 1
     mamba_chunk_size: int = 64
-    # chunk memory and retrieval
+    # chunk memory and retrieval (use_hsa=False: the same stack with plain blocks only, the mixer-only baseline)
+    use_hsa: bool = True
     chunk_size: int = 64
     topk: int = 8
     retrieval_heads: str = "per_kv_head"
@@ -105,7 +106,7 @@ class HSAHybridConfig:
     def is_hsa_layer(self, layer: int) -> bool:
         """True for the first block of each upper group (layer counts lower blocks first)."""
         upper = layer - self.n_lower_layers
-        return upper >= 0 and upper % self.hsa_every == 0
+        return self.use_hsa and upper >= 0 and upper % self.hsa_every == 0
 
     # -------------------------------------------------------------- validation
     def validate(self) -> None:
@@ -128,7 +129,7 @@ class HSAHybridConfig:
         for name, allowed in CHOICES.items():
             need(getattr(self, name) in allowed, name, f"must be one of {allowed}, got {getattr(self, name)!r}")
 
-        need(self.n_upper_layers >= 1, "n_upper_layers",
+        need(self.n_upper_layers >= 1 or not self.use_hsa, "n_upper_layers",
              "must be at least 1: the first upper block is the HSA block that reads the chunk memory")
         need(self.chunk_size % 16 == 0, "chunk_size",
              f"must be a multiple of 16 (the kernels tile chunks by 16), got {self.chunk_size}")

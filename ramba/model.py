@@ -47,8 +47,8 @@ class HSAHybrid(nn.Module):
         n_lower = config.n_lower_layers
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.lower = nn.ModuleList(Block(config, i) for i in range(n_lower))
-        self.memory_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.encoder = ChunkEncoder(config)
+        self.memory_norm = RMSNorm(config.d_model, config.norm_eps) if config.use_hsa else None
+        self.encoder = ChunkEncoder(config) if config.use_hsa else None
         self.upper = nn.ModuleList(
             HSABlock(config, i) if config.is_hsa_layer(i) else Block(config, i)
             for i in range(n_lower, config.n_layers)
@@ -188,7 +188,7 @@ class HSAHybrid(nn.Module):
         x = self.embed(input_ids.long())
         for block in self.lower:
             x = self._block(block, x, layout.doc_ids)
-        memory = self.encoder(layout.unpack(self.memory_norm(x)))
+        memory = self.encoder(layout.unpack(self.memory_norm(x))) if self.encoder is not None else None
         start = length - keep - self.upper_receptive_field
         if self.upper_all_swa and layout.trivial and start > 0:  # exact shortcut: only the receptive field
             positions = torch.arange(start, length, device=x.device)
@@ -213,9 +213,10 @@ class HSAHybrid(nn.Module):
         for i, block in enumerate(self.lower):
             x = block(x, None, cache.states[i], positions, valid)
         real = torch.ones(B, L, dtype=torch.bool, device=device) if valid is None else valid
-        chunks, completed = cache.update_pending(self.memory_norm(x), real)
-        if chunks.shape[1]:
-            cache.store.append(self.encoder(chunks), completed)
+        if self.encoder is not None:
+            chunks, completed = cache.update_pending(self.memory_norm(x), real)
+            if chunks.shape[1]:
+                cache.store.append(self.encoder(chunks), completed)
         cache.lengths += real.sum(1)
         layout = DocLayout(B, L)
         upper_states = cache.states[n_lower:]

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from ramba import HSAHybrid, HSAHybridConfig
 from ramba.documents import build_layout
+from ramba.layers.blocks import HSABlock
 from ramba.layers.hsa import retrieval_weights
 
 S = 16
@@ -165,7 +166,7 @@ def test_retrieval_weights_match_formulas():
     dict(retrieval_weights="stick_breaking"), dict(hsa_residual="standard"), dict(softmax_off_by_one=True),
     dict(retrieve_beyond_window=True), dict(num_heads=4, num_kv_heads=2, retrieval_heads="shared"),
     dict(local_mixer=["mamba2", "swa", "mamba2"]), dict(plain_block_mlp=False, n_upper_layers=3, hsa_every=2),
-    dict(tie_embeddings=False), dict(gumbel_noise=1.0),
+    dict(tie_embeddings=False), dict(gumbel_noise=1.0), dict(use_hsa=False),
 ])
 def test_variants_train(overrides):
     torch.manual_seed(6)
@@ -174,6 +175,9 @@ def test_variants_train(overrides):
     out = model(ids, labels=ids)
     assert out.logits.shape == (2, 70, 50) and torch.isfinite(out.loss)
     out.loss.backward()
+    if not model.config.use_hsa:  # the mixer-only baseline has no chunk memory at all
+        assert model.encoder is None and not any(isinstance(b, HSABlock) for b in model.upper)
+        return
     # retrieval is learned: gradients reach the retrieval queries and the landmarks
     assert model.upper[0].hsa.qr_proj.weight.grad.abs().sum() > 0
     assert model.encoder.lmk_proj.weight.grad.abs().sum() > 0

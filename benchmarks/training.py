@@ -1,0 +1,98 @@
+"""Training throughput and peak memory at 4K context: HSA hybrids beside their mixer-only counterparts and a
+dense SDPA transformer of the same size, measured in one run.
+
+python -m benchmarks.training [--preset small] [--mixers swa,mamba2] [--seq-len 4096] [--batch-size 4]
+    [--steps 10] [--out benchmarks/results/training.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from benchmarks.long_context import DenseModel
+from ramba import HSAHybrid, HSAHybridConfig
+
+
+def step_fn(model: torch.nn.Module, dense: bool):
+    """One optimizer step on a batch [B, L] in bf16 autocast; returns a callable of the batch."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step(ids: torch.Tensor) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if dense:
+                logits = model(ids, [[] for _ in model.blocks], ids.shape[1])
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            else:
+                loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure(name: str, model: torch.nn.Module, dense: bool, batch: int, seq_len: int, steps: int) -> dict:
+    """Median step time over `steps` after two warm-up steps; tokens per second and peak memory."""
+    model = model.cuda().train()
+    step = step_fn(model, dense)
+    vocab = model.embed.num_embeddings
+    inputs = [torch.randint(0, vocab, (batch, seq_len), device="cuda") for _ in range(3)]
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(steps + 2):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(inputs[i % len(inputs)])
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times[2:])
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    return {"model": name, "params_m": params, "step_ms": median * 1e3, "tokens_per_s": batch * seq_len / median,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--mixers", default="swa,mamba2")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks.training measures GPU training and needs a CUDA GPU")
+    rows = []
+    for mixer in args.mixers.split(","):
+        for use_hsa in (True, False):
+            config = HSAHybridConfig.preset(args.preset, local_mixer=mixer, use_hsa=use_hsa)
+            name = f"{args.preset} {mixer}" + ("" if use_hsa else " mixer-only")
+            rows.append(measure(name, HSAHybrid(config), False, args.batch_size, args.seq_len, args.steps))
+            torch.cuda.empty_cache()
+    dense = DenseModel(HSAHybridConfig.preset(args.preset))
+    rows.append(measure(f"{args.preset} dense SDPA", dense, True, args.batch_size, args.seq_len, args.steps))
+    by_name = {r["model"]: r for r in rows}
+    lines = ["| model | params (M) | step ms | tokens/s | vs mixer-only | peak GiB |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        base = by_name.get(r["model"] + " mixer-only")
+        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-"
+        lines.append(f"| {r['model']} | {r['params_m']:.0f} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {ratio} | "
+                     f"{r['peak_gib']:.1f} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        props = torch.cuda.get_device_properties(0)
+        command = " ".join(sys.argv[1:] if argv is None else argv)
+        with open(args.out, "w") as f:
+            f.write(f"# Training throughput\n\n`python -m benchmarks.training {command}`\n\n{props.name}, torch "
+                    f"{torch.__version__}, bf16 autocast, AdamW, batch {args.batch_size} x {args.seq_len} tokens\n\n"
+                    f"{table}\n")
+
+
+if __name__ == "__main__":
+    main()
