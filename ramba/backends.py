@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import os
 
 import torch
 
@@ -18,7 +19,7 @@ FAST: dict[str, list[tuple[str, str]]] = {
     "ops": [("triton", "triton")],
 }
 # fast backends that exist in this version of the library
-AVAILABLE: dict[str, set[str]] = {"swa": {"flash", "flex"}, "mamba": {"cuda"}, "ops": set()}
+AVAILABLE: dict[str, set[str]] = {"swa": {"flash", "flex"}, "mamba": {"cuda"}, "ops": {"triton"}}
 
 
 @functools.cache
@@ -50,6 +51,9 @@ def pick(kind: str, requested: str, device: torch.device) -> str:
                                   f"pip install 'ramba[cuda]', or set the backend to 'auto'")
             if device.type != "cuda" and choice in ("flash", "cuda"):
                 raise RuntimeError(f"{kind} backend {choice!r} runs on CUDA tensors only, got {device.type}")
+            if device.type != "cuda" and choice == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise RuntimeError(f"{kind} backend 'triton' runs on CUDA tensors only (or on CPU with "
+                                   f"TRITON_INTERPRET=1 set before triton is imported), got {device.type}")
     if (kind, choice) not in _logged:
         _logged.add((kind, choice))
         logger.info("ramba: %s backend: %s", kind, choice)

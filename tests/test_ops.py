@@ -204,5 +204,5 @@ def test_bad_inputs_raise_before_computing():
         hsa_retrieve(qr, torch.randn(1, 2, 2, 8), 2, 16)
     with pytest.raises(ValueError, match="positions"):
         hsa_retrieve(qr, lmk, 2, 16, positions=torch.arange(4)[None])
-    with pytest.raises(NotImplementedError, match="not built yet"):
-        hsa_retrieve(qr, lmk, 2, 16, backend="triton")
+    with pytest.raises(ValueError, match="window"):
+        hsa_retrieve(qr, lmk, 2, 16, window=8)

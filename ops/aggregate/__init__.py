@@ -63,10 +63,18 @@ def hsa_aggregate(
     o[t, h] = sum_i weights[t, i] * softmax_j(q[t, h] . k[c_i*S + j] * scale) v[c_i*S + j], the softmax over
     the S tokens of chunk c_i (plus 1 in the denominator with `softmax_off_by_one`); slots with index -1
     contribute nothing. scale defaults to 1/sqrt(D). Differentiable w.r.t. q, k, v and weights.
+    backend: "auto" (the Triton kernels for CUDA inputs they support, else PyTorch), "triton" or "torch".
     """
     _check(q, k, v, indices, weights, chunk_size)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    pick("ops", backend, q.device)
+    if pick("ops", backend, q.device) == "triton":
+        from . import triton as fused
+
+        err = fused.unsupported(q, k, v, indices, weights, chunk_size)
+        if err is None:
+            return fused.aggregate_triton(q, k, v, indices, weights, chunk_size, scale, softmax_off_by_one)
+        if backend == "triton":
+            raise err
     dense = 0 < k.shape[1] <= DENSE_RATIO * indices.shape[-1] * chunk_size
     impl = aggregate_dense if dense else aggregate_reference
     return impl(q, k, v, indices, weights, chunk_size, scale, softmax_off_by_one)
