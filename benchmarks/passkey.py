@@ -1,0 +1,76 @@
+r"""Pass-key retrieval: a 5-to-7-digit key hidden at a chosen depth of a long haystack, asked for at the end.
+
+python -m benchmarks.passkey --checkpoint DIR --lengths 4k,64k,1m --depths 0,0.25,0.5,0.75,1 \
+    [--samples N] [--haystack noise|essay] [--out DIR] [--segment 4096] [--device cuda]
+
+Every prompt is exactly the asked number of tokens and a function of (seed, length, depth, sample index) only.
+A sample is right iff the first digits the model generates are the key. Accuracy per (length, depth) goes to
+OUT/summary.md, OUT/summary.json, OUT/accuracy.png and one depth-by-length heatmap per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from benchmarks.common import (
+    HAYSTACKS,
+    Key,
+    Sample,
+    Tokenizer,
+    add_common_args,
+    build_prompt,
+    encode,
+    haystack_units,
+    main_guard,
+    parse_depths,
+    parse_lengths,
+    run,
+    sample_rng,
+)
+from ramba.data.synthetic import PASSKEY_QUESTION
+
+TASK = "passkey"
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+
+
+def make_sample(key: Key, tokenizer: Tokenizer, seed: int = 0, haystack: str = "noise") -> Sample:
+    """The prompt of one (length, depth, index): haystack, the needle at `key.depth`, then the question."""
+    rng = sample_rng(seed, key)
+    digits = rng.randint(5, 7)
+    passkey = str(rng.randrange(10 ** (digits - 1), 10**digits))
+    prompt = build_prompt(tokenizer, key.length, "", haystack_units(haystack, rng),
+                          [(key.depth, " " + NEEDLE.format(key=passkey))], " " + PASSKEY_QUESTION, TASK)
+    target = f" {passkey}"
+    return Sample(prompt.ids, target, [passkey], len(encode(tokenizer, target)) + 4, prompt.insert_offsets)
+
+
+def score(task: str, output: str, references: list[str]) -> float:
+    """1 iff the first run of digits in the output is the key."""
+    digits = re.search(r"\d+", output)
+    return float(digits is not None and digits.group() == references[0])
+
+
+def keys(lengths: list[int], depths: list[float], samples: int) -> list[Key]:
+    return [Key(TASK, n, d, i) for n in lengths for d in depths for i in range(samples)]
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, TASK, "4k,16k,64k,256k,1m", samples=5)
+    parser.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths, fractions of the haystack")
+    parser.add_argument("--haystack", default="noise", choices=HAYSTACKS,
+                        help="noise: one short passage repeated; essay: varied filler sentences")
+    args = parser.parse_args(argv)
+
+    def go() -> str:
+        todo = keys(parse_lengths(args.lengths), parse_depths(args.depths), args.samples)
+        return run(args, "Pass-key retrieval", todo,
+                   lambda key, tok: make_sample(key, tok, args.seed, args.haystack), score,
+                   {"haystack": args.haystack})
+
+    return main_guard(go)
+
+
+if __name__ == "__main__":
+    main()
