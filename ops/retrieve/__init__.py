@@ -58,5 +58,12 @@ def hsa_retrieve(
     _check(qr, landmarks, topk, chunk_size, positions, window)
     if positions is None:
         positions = torch.arange(qr.shape[1], device=qr.device).expand(qr.shape[0], -1)
-    pick("ops", backend, qr.device)
+    if pick("ops", backend, qr.device) == "triton":
+        from . import triton as fused
+
+        reason = fused.unsupported(qr, landmarks, topk, gumbel)
+        if reason is None:
+            return fused.retrieve_triton(qr, landmarks, topk, chunk_size, positions, window, gumbel)
+        if backend == "triton":
+            raise ValueError(f"hsa_retrieve: the triton backend cannot run these inputs: {reason}")
     return retrieve_reference(qr, landmarks, topk, chunk_size, positions.long(), window, gumbel)

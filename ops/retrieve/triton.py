@@ -1,0 +1,269 @@
+"""Fused Triton retrieval: landmark scores, visibility mask and a streaming top-k in one kernel.
+
+Each program takes a block of queries of one (batch, retrieval head), streams over the chunks it may see in
+tiles, and merges every score tile into a running top-k held in registers: the [L, C] score matrix never
+exists in memory, so memory stays linear in L*K whatever the number of chunks. A (score, chunk) pair is one
+int64 key, the order-preserving integer image of the fp32 score in the high half and the chunk index in the
+low half, so comparing keys ranks by score and breaks ties towards the more recent chunk, like the reference.
+With few queries and many chunks (decoding) the chunks are split over several programs, each writing a
+partial top-k that a small PyTorch step merges.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .naive import visible_chunks
+
+MAX_TOPK = 64
+MAX_DIM = 256
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+EMPTY_HIGH = -(2**31)  # high half of every empty or masked key: the image of no non-NaN float
+_EMPTY_HIGH = tl.constexpr(EMPTY_HIGH)
+
+
+@triton.jit
+def _image(bits):
+    """Order-preserving int32 image of the float32 with these int32 bits; an involution: it also maps back."""
+    return bits ^ ((bits >> 31) & 2147483647)
+
+
+@triton.jit
+def _floor(threshold):
+    """The score of each row's K-th best key, -inf while a slot is empty: no lower score can enter."""
+    high = (threshold >> 32).to(tl.int32)
+    return tl.where(high == _EMPTY_HIGH, float("-inf"), _image(high).to(tl.float32, bitcast=True))
+
+
+@triton.jit(do_not_specialize=["L", "chunks_per_split", "seed"])
+def _retrieve_kernel(
+    q_ptr, lmk_ptr, vis_ptr, out_ptr,
+    L, Hr, dr, chunks_per_split, scale, gumbel, seed,
+    sq_b, sq_l, sq_h, sq_d, sk_b, sk_c, sk_h, sk_d,
+    TOPK: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, GUMBEL: tl.constexpr,
+):
+    """Top-TOPK keys of one block of queries over one range of chunks -> out [B, L, Hr, splits, TOPK] int64."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // Hr
+    h = pid_bh % Hr
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < L
+    dims = tl.arange(0, BLOCK_D)
+    vis = tl.load(vis_ptr + b.to(tl.int64) * L + rows, mask=row_ok, other=0)
+    lo = pid_s * chunks_per_split
+    hi = tl.minimum(lo + chunks_per_split, tl.max(vis, 0))
+
+    q_ptrs = q_ptr + b.to(tl.int64) * sq_b + h * sq_h + rows[:, None].to(tl.int64) * sq_l + dims[None, :] * sq_d
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (dims < dr)[None, :], other=0.0).to(DOT_DTYPE)
+    lmk_base = lmk_ptr + b.to(tl.int64) * sk_b + h * sk_h
+
+    # empty slots hold distinct keys below every real one; padding slots (TOPK..KP) one key above all, so
+    # the minimum, the slot to replace next, is always a real slot
+    slot = tl.broadcast_to(tl.arange(0, KP)[None, :], (BLOCK_M, KP))
+    high = tl.where(slot < TOPK, _EMPTY_HIGH, 2147483647).to(tl.int64)
+    low = tl.where(slot < TOPK, slot + 1, 2147483647).to(tl.int64)
+    best = (high << 32) | low
+    threshold = tl.min(best, 1)
+    floor = _floor(threshold)
+    masked = tl.full((BLOCK_M, BLOCK_N), _EMPTY_HIGH, tl.int64) << 32
+
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < hi
+        lmk = tl.load(lmk_base + cols[:, None].to(tl.int64) * sk_c + dims[None, :] * sk_d,
+                      mask=col_ok[:, None] & (dims < dr)[None, :], other=0.0).to(DOT_DTYPE)
+        s = tl.dot(q, tl.trans(lmk), input_precision=PRECISION)
+        if GUMBEL:
+            zero = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+            noise, _, _, _ = tl.philox(seed, cols[None, :] + zero, (b * L + rows)[:, None] + zero, h + zero, zero)
+            uniform = tl.maximum(tl.uint_to_uniform_float(noise), 1e-20)
+            s = s * scale - gumbel * tl.log(-tl.log(uniform))
+        # a cheap float test first (NaN passes, as a NaN key ranks above all): most tiles of a long memory
+        # hold no score that reaches the current K-th best, and skip the key work
+        maybe = col_ok[None, :] & (cols[None, :] < vis[:, None]) & ~(s < floor[:, None])
+        if tl.max(tl.max(maybe.to(tl.int32), 1), 0) > 0:
+            # s is never -0.0 (sums start from +0.0), so equal scores have equal images
+            key = (_image(s.to(tl.int32, bitcast=True)).to(tl.int64) << 32) | cols[None, :].to(tl.int64)
+            key = tl.where(maybe, key, masked)
+            # insert the tile's keys that beat the current K-th best, largest first
+            beating = tl.sum((key > threshold[:, None]).to(tl.int32), 1)
+            for _step in range(tl.minimum(tl.max(beating, 0), TOPK)):
+                cand = tl.max(key, 1)
+                take = cand > threshold
+                best = tl.where((best == threshold[:, None]) & take[:, None], cand[:, None], best)
+                key = tl.where(key == cand[:, None], masked, key)
+                threshold = tl.min(best, 1)
+            floor = _floor(threshold)
+
+    splits = tl.num_programs(2)
+    out_row = ((b.to(tl.int64) * L + rows) * Hr + h) * splits + pid_s
+    tl.store(out_ptr + out_row[:, None] * TOPK + slot, best, mask=row_ok[:, None] & (slot < TOPK))
+
+
+def _gather(landmarks: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """landmarks [B, C, Hr, dr], indices [B, L, Hr, K] (C >= 1; -1 reads chunk 0) -> [B, L, Hr, K, dr] float32."""
+    B, _, Hr, _ = landmarks.shape
+    batch = torch.arange(B, device=indices.device).view(B, 1, 1, 1)
+    head = torch.arange(Hr, device=indices.device).view(1, 1, Hr, 1)
+    return landmarks[batch, indices.clamp(min=0), head].float()
+
+
+class _SelectedScores(torch.autograd.Function):
+    """qr [B, L, Hr, dr] . landmarks[b, indices, h] / sqrt(dr) -> [B, L, Hr, K] float32, -inf where indices < 0.
+
+    With few chunks (C <= K * dr) dense matmuls over all chunks are faster and take no more memory than the
+    gathered [B, L, Hr, K, dr] landmarks; otherwise the landmarks are gathered and gradients index-added.
+    """
+
+    @staticmethod
+    def forward(ctx, qr: torch.Tensor, landmarks: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(qr, landmarks, indices)
+        C, dr = landmarks.shape[1], landmarks.shape[3]
+        if C == 0:
+            return torch.full(indices.shape, float("-inf"), device=qr.device)
+        if C <= indices.shape[-1] * dr:
+            every = torch.einsum("blhd,bchd->blhc", qr.float(), landmarks.float())
+            scores = torch.gather(every, -1, indices.clamp(min=0))
+        else:
+            scores = torch.einsum("blhd,blhkd->blhk", qr.float(), _gather(landmarks, indices))
+        return (scores / math.sqrt(dr)).masked_fill(indices < 0, float("-inf"))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        qr, landmarks, indices = ctx.saved_tensors
+        B, C, Hr, dr = landmarks.shape
+        if C == 0:
+            return torch.zeros_like(qr), torch.zeros_like(landmarks), None
+        grad = grad.float().masked_fill(indices < 0, 0.0) / math.sqrt(dr)
+        want_qr, want_lmk = ctx.needs_input_grad[:2]
+        grad_qr = grad_lmk = None
+        if C <= indices.shape[-1] * dr:
+            every = torch.zeros(*indices.shape[:-1], C, device=qr.device)
+            every.scatter_add_(-1, indices.clamp(min=0), grad)
+            if want_qr:
+                grad_qr = torch.einsum("blhc,bchd->blhd", every, landmarks.float()).to(qr.dtype)
+            if want_lmk:
+                grad_lmk = torch.einsum("blhc,blhd->bchd", every, qr.float()).to(landmarks.dtype)
+            return grad_qr, grad_lmk, None
+        if want_qr:
+            grad_qr = torch.einsum("blhk,blhkd->blhd", grad, _gather(landmarks, indices)).to(qr.dtype)
+        if want_lmk:
+            batch = torch.arange(B, device=qr.device).view(B, 1, 1, 1)
+            head = torch.arange(Hr, device=qr.device).view(1, 1, Hr, 1)
+            rows = (batch * C + indices.clamp(min=0)) * Hr + head  # row of landmarks.view(-1, dr)
+            contrib = grad[..., None] * qr.float()[..., None, :]  # [B, L, Hr, K, dr]
+            grad_lmk = torch.zeros(B * C * Hr, dr, device=qr.device)
+            grad_lmk.index_add_(0, rows.reshape(-1), contrib.reshape(-1, dr))
+            grad_lmk = grad_lmk.view(B, C, Hr, dr).to(landmarks.dtype)
+        return grad_qr, grad_lmk, None
+
+
+def unsupported(qr: torch.Tensor, landmarks: torch.Tensor, topk: int, gumbel: float = 0.0) -> str | None:
+    """Why the Triton path cannot run these inputs, or None when it can."""
+    if qr.dim() != 4 or landmarks.dim() != 4:
+        return (f"qr must be [B, L, Hr, dr] and landmarks [B, C, Hr, dr], got {tuple(qr.shape)}, "
+                f"{tuple(landmarks.shape)}")
+    if qr.shape[0] != landmarks.shape[0] or qr.shape[2:] != landmarks.shape[2:]:
+        return f"qr {tuple(qr.shape)} and landmarks {tuple(landmarks.shape)} must agree on batch, heads and dim"
+    if qr.dtype not in SUPPORTED_DTYPES or landmarks.dtype not in SUPPORTED_DTYPES:
+        return f"qr and landmarks must be float32, bfloat16 or float16, got {qr.dtype} and {landmarks.dtype}"
+    if qr.device != landmarks.device:
+        return f"qr and landmarks must be on one device, got {qr.device} and {landmarks.device}"
+    if qr.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"runs on CUDA tensors only (or on CPU with TRITON_INTERPRET=1), got {qr.device.type}"
+    if not 1 <= qr.shape[-1] <= MAX_DIM:
+        return f"the retrieval head dim must lie in [1, {MAX_DIM}], got {qr.shape[-1]}"
+    if not isinstance(topk, int) or not 1 <= topk <= MAX_TOPK:
+        return f"topk must be an integer in [1, {MAX_TOPK}], got {topk!r}"
+    if landmarks.shape[1] >= 2**31 - 1 or qr.shape[0] * qr.shape[1] >= 2**31:
+        return (f"at most 2**31 - 2 chunks and 2**31 - 1 queries, got {landmarks.shape[1]} and "
+                f"{qr.shape[0] * qr.shape[1]}")
+    if qr.shape[0] * qr.shape[2] > 65535:
+        return f"B * Hr must be at most 65535, got {qr.shape[0] * qr.shape[2]}"
+    if not math.isfinite(gumbel) or gumbel < 0:
+        return f"gumbel must be a finite number >= 0, got {gumbel!r}"
+    return None
+
+
+def plan(B: int, L: int, Hr: int, C: int, topk: int, device: torch.device,
+         splits: int | None = None) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, chunks per split) for a launch; splits=None splits the chunks when too few
+    query blocks would fill the GPU (decoding against a long memory)."""
+    block_m = min(64 if topk <= 16 else 32, max(16, triton.next_power_of_2(L)))
+    block_n = 64
+    if splits is None:
+        programs = triton.cdiv(L, block_m) * B * Hr
+        cores = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        splits = max(1, min(triton.cdiv(4 * cores, programs), triton.cdiv(C, block_n)))
+    per_split = triton.cdiv(triton.cdiv(max(C, 1), splits), block_n) * block_n
+    return block_m, block_n, per_split
+
+
+def _select(qr: torch.Tensor, landmarks: torch.Tensor, topk: int, vis: torch.Tensor, gumbel: float,
+            splits: int | None) -> torch.Tensor:
+    """Indices [B, L, Hr, K] of the top-k visible chunks, most recent first, -1 (empty) last."""
+    B, L, Hr, dr = qr.shape
+    C = landmarks.shape[1]
+    block_m, block_n, per_split = plan(B, L, Hr, C, topk, qr.device, splits)
+    n_splits = triton.cdiv(C, per_split)
+    keys = torch.empty(B, L, Hr, n_splits, topk, dtype=torch.int64, device=qr.device)
+    low = qr.dtype == landmarks.dtype and qr.dtype != torch.float32
+    # Triton's interpreter keeps bfloat16 as raw uint16 bits and multiplies those in tl.dot: upcast there
+    low = low and not (qr.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+    dot_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[qr.dtype] if low else tl.float32
+    seed = int(torch.randint(0, 2**62, ())) if gumbel > 0 else 0
+    grid = (triton.cdiv(L, block_m), B * Hr, n_splits)
+    _retrieve_kernel[grid](
+        qr, landmarks, vis, keys, L, Hr, dr, per_split, 1 / math.sqrt(dr), gumbel, seed,
+        *qr.stride(), *landmarks.stride(),
+        TOPK=topk, KP=triton.next_power_of_2(topk), BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(dr)), DOT_DTYPE=dot_dtype,
+        PRECISION="tf32" if low else "ieee", GUMBEL=gumbel > 0, num_warps=4,
+    )
+    keys = keys.flatten(-2)
+    if n_splits > 1:  # merge the partial lists
+        keys = keys.topk(topk, dim=-1).values
+    indices = torch.where(keys >> 32 == EMPTY_HIGH, -1, keys & 0xFFFFFFFF)
+    return indices.sort(dim=-1, descending=True).values
+
+
+def retrieve_triton(
+    qr: torch.Tensor,
+    landmarks: torch.Tensor,
+    topk: int,
+    chunk_size: int,
+    positions: torch.Tensor,
+    window: int | None = None,
+    gumbel: float = 0.0,
+    *,
+    splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `retrieve_reference`, fused: memory linear in L*K, never [L, C].
+
+    qr [B, L, Hr, dr], landmarks [B, C, Hr, dr], positions [B, L] -> indices [B, L, Hr, K] int64 (most recent
+    first, -1 last), scores [B, L, Hr, K] float32 (-inf for empty slots), differentiable w.r.t. qr and
+    landmarks. `splits` forces the number of chunk ranges scanned in parallel (None: automatic).
+    """
+    reason = unsupported(qr, landmarks, topk, gumbel)
+    if reason is None and positions.shape != qr.shape[:2]:
+        reason = f"positions must be [B, L] = {tuple(qr.shape[:2])}, got {tuple(positions.shape)}"
+    if reason is None and splits is not None and not (isinstance(splits, int) and 1 <= splits <= 65535):
+        reason = f"splits must be an integer in [1, 65535], got {splits!r}"
+    if reason is not None:
+        raise ValueError(f"retrieve_triton: {reason}")
+    B, L, Hr, _ = qr.shape
+    C = landmarks.shape[1]
+    if C == 0 or qr.numel() == 0:
+        indices = torch.full((B, L, Hr, topk), -1, dtype=torch.int64, device=qr.device)
+    else:
+        vis = visible_chunks(positions.to(qr.device).long(), chunk_size, C, window).to(torch.int32).contiguous()
+        indices = _select(qr.detach(), landmarks.detach(), topk, vis, float(gumbel), splits)
+    return indices, _SelectedScores.apply(qr, landmarks, indices)
