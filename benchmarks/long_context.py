@@ -22,14 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from benchmarks.common import parse_length
 from ramba import HSAHybrid, HSAHybridConfig
-
-
-def parse_length(text: str) -> int:
-    """'64k' -> 65536, '1m' -> 1048576, '4096' -> 4096."""
-    text = text.strip().lower()
-    scale = {"k": 2**10, "m": 2**20, "g": 2**30}.get(text[-1:], 1)
-    return int(float(text.rstrip("kmg")) * scale)
 
 
 @dataclass

@@ -3,52 +3,27 @@ r"""Pass-key retrieval: a 5-to-7-digit key hidden at a chosen depth of a long ha
 python -m benchmarks.passkey --checkpoint DIR --lengths 4k,64k,1m --depths 0,0.25,0.5,0.75,1 \
     [--samples N] [--haystack noise|essay] [--out DIR] [--segment 4096] [--device cuda]
 
-Every prompt is exactly the asked number of tokens and a function of (seed, length, depth, sample index) only.
-A sample is right iff the first digits the model generates are the key. Accuracy per (length, depth) goes to
-OUT/summary.md, OUT/summary.json, OUT/accuracy.png and one depth-by-length heatmap per model.
+Every prompt is exactly the asked number of tokens and a function of (seed, length, depth, sample index) only
+(ramba.data.tasks.passkey). A sample is right iff the first digits the model generates are the key. Accuracy
+per (length, depth) goes to OUT/summary.md, OUT/summary.json, OUT/accuracy.png and one depth-by-length heatmap
+per model.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 
-from benchmarks.common import (
-    HAYSTACKS,
-    Key,
-    Sample,
-    Tokenizer,
-    add_common_args,
-    build_prompt,
-    encode,
-    haystack_units,
-    main_guard,
-    parse_depths,
-    parse_lengths,
-    run,
-    sample_rng,
-)
-from ramba.data.synthetic import PASSKEY_QUESTION
+from benchmarks.common import parse_depths, parse_lengths
+from benchmarks.runner import add_common_args, main_guard, run
+from ramba.data.tasks import HAYSTACKS, Key, Sample, passkey, sample_rng, score
+from ramba.tokenizer import Tokenizer
 
 TASK = "passkey"
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 
 
 def make_sample(key: Key, tokenizer: Tokenizer, seed: int = 0, haystack: str = "noise") -> Sample:
     """The prompt of one (length, depth, index): haystack, the needle at `key.depth`, then the question."""
-    rng = sample_rng(seed, key)
-    digits = rng.randint(5, 7)
-    passkey = str(rng.randrange(10 ** (digits - 1), 10**digits))
-    prompt = build_prompt(tokenizer, key.length, "", haystack_units(haystack, rng),
-                          [(key.depth, " " + NEEDLE.format(key=passkey))], " " + PASSKEY_QUESTION, TASK)
-    target = f" {passkey}"
-    return Sample(prompt.ids, target, [passkey], len(encode(tokenizer, target)) + 4, prompt.insert_offsets)
-
-
-def score(task: str, output: str, references: list[str]) -> float:
-    """1 iff the first run of digits in the output is the key."""
-    digits = re.search(r"\d+", output)
-    return float(digits is not None and digits.group() == references[0])
+    return passkey.sample(sample_rng(seed, key), tokenizer, key.length, key.depth, haystack)
 
 
 def keys(lengths: list[int], depths: list[float], samples: int) -> list[Key]:

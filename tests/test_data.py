@@ -16,7 +16,7 @@ from ramba.data.synthetic import (
     passkey_document,
     training_mixture,
 )
-from ramba.tokenizer import ByteTokenizer
+from ramba.tokenizer import ByteTokenizer, load_tokenizer
 
 TOK = ByteTokenizer()
 MAX_SENTENCE = 80
@@ -37,6 +37,12 @@ def test_specials() -> None:
     assert ids == [257, 104, 0xC3, 0xA9, 258]
     assert TOK.decode(ids + [256], skip_special=False) == "<bos>hé<eos><pad>"
     assert TOK.decode(torch.tensor(ids)) == "hé"
+
+
+def test_load_tokenizer_bytes(tmp_path) -> None:
+    for tok in (load_tokenizer("byte"), load_tokenizer(), load_tokenizer(None, tmp_path)):  # no tokenizer files
+        assert isinstance(tok, ByteTokenizer) and tok.name == "byte"
+    assert TOK.encode_many(["hé", ""]) == [[104, 0xC3, 0xA9], []]
 
 
 def test_decode_errors() -> None:

@@ -1,31 +1,25 @@
-"""The long-context benchmarks (benchmarks/passkey.py, ruler.py, babilong.py, common.py), on the CPU, offline."""
+"""The long-context benchmarks (benchmarks/passkey.py, ruler.py, babilong.py and their machinery), on the CPU,
+offline; the task generators themselves are tested in test_tasks.py."""
 
 import json
+import random
 import re
 import sys
-from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from benchmarks import babilong, passkey, ruler
-from benchmarks.common import (
-    BenchmarkError,
-    ByteTextTokenizer,
-    Key,
-    ModelAnswerer,
-    ResultsLog,
-    answer_greedy,
-    load_answerer,
-    load_tokenizer,
-    parse_lengths,
-    sweep,
-)
+from benchmarks.answering import ModelAnswerer, answer_greedy, load_answerer
+from benchmarks.common import BenchmarkError, parse_lengths
+from benchmarks.runner import ResultsLog, sweep
 from ramba import HSAHybrid, HSAHybridConfig
 from ramba.data.synthetic import PASSKEY_QUESTION
+from ramba.data.tasks import TASKS, Key, score
+from ramba.tokenizer import ByteTokenizer, load_tokenizer
 
-TOK = ByteTextTokenizer()
+TOK = ByteTokenizer()
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +84,7 @@ def summary_of(out) -> dict:
             for r in json.loads((out / "summary.json").read_text())["by_length"]}
 
 
-# ------------------------------------------------------------------------------------------- generators
+# ---------------------------------------------------------------------------------------------- lengths
 def test_parse_lengths() -> None:
     assert parse_lengths("64k,4k,1m,64m,4096") == [4096, 65536, 2**20, 64 * 2**20]
     for bad in ("4x", "0", "", "k"):
@@ -98,117 +92,13 @@ def test_parse_lengths() -> None:
             parse_lengths(bad)
 
 
-@pytest.mark.parametrize("haystack", ["noise", "essay"])
-def test_passkey_prompt_exact_deterministic(haystack: str) -> None:
-    for length in (300, 512, 1000, 2048):
-        key = Key("passkey", length, 0.5, 3)
-        a, b = (passkey.make_sample(key, TOK, 0, haystack) for _ in range(2))
-        other = passkey.make_sample(key, TOK, 1, haystack)
-        assert a.prompt_ids.numel() == length and a.prompt_ids.dtype == torch.int32
-        assert torch.equal(a.prompt_ids, b.prompt_ids) and a.references == b.references
-        assert a.references != other.references and not torch.equal(a.prompt_ids, other.prompt_ids)
-        assert re.fullmatch(r"\d{5,7}", a.references[0]) and a.target == " " + a.references[0]
-        assert text_of(a).endswith(PASSKEY_QUESTION) and a.prompt_ids[0] == TOK.bos_id
-
-
-@pytest.mark.parametrize("haystack", ["noise", "essay"])
-def test_needle_at_depth(haystack: str) -> None:
-    length = 8192
-    for depth in (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0):
-        sample = passkey.make_sample(Key("passkey", length, depth, 0), TOK, 0, haystack)
-        (offset,) = sample.insert_offsets
-        assert abs(offset / length - depth) < 0.025
-        assert TOK.decode(sample.prompt_ids[offset:].tolist()).startswith(f" The pass key is {sample.references[0]}.")
-
-
-@pytest.mark.parametrize("task", ruler.TASKS)
-def test_ruler_deterministic_exact(task: str) -> None:
-    key = Key(task, 2048, None, 1)
-    a, b, other = ruler.make_sample(key, TOK, 0), ruler.make_sample(key, TOK, 0), ruler.make_sample(key, TOK, 1)
-    assert a.prompt_ids.numel() == 2048
-    assert torch.equal(a.prompt_ids, b.prompt_ids) and a.references == b.references
-    assert not torch.equal(a.prompt_ids, other.prompt_ids) and a.references != other.references
-
-
-@pytest.mark.parametrize("task", list(ruler.NIAH))
-def test_niah_needles(task: str) -> None:
-    spec = ruler.NIAH[task]
-    sample = ruler.make_sample(Key(task, 4096, 0.25, 0), TOK)
-    text = text_of(sample)
-    question = text.rsplit("\n", 2)[-2]
-    assert len(sample.references) == spec.values * spec.queries
-    for value in sample.references:
-        key = re.search(rf"One hidden {spec.value_kind} for (\S+) is {value}\.", text).group(1)
-        assert key in question
-    assert abs(text.index(sample.references[0]) / 4096 - 0.25) < 0.05  # the first asked needle: at the asked depth
-    assert len(re.findall(r"One hidden", text)) >= (30 if spec.haystack == "needles" else spec.keys * spec.values)
-
-
-def test_vt_chain() -> None:
-    sample = ruler.make_sample(Key("vt", 2048, None, 0), TOK)
-    value = re.search(r"hold the value (\d+)", text_of(sample)).group(1)
-    holding = {value}
-    for name, source in re.findall(r"VAR (\w+) = (VAR \w+|\d+)\.", text_of(sample)):
-        if source.removeprefix("VAR ") in holding:
-            holding.add(name)
-    assert sorted(holding - {value}) == sorted(sample.references) and len(sample.references) == 5
-
-
-@pytest.mark.parametrize("task, top", [("cwe", 10), ("fwe", 3)])
-def test_common_and_frequent_words(task: str, top: int) -> None:
-    for index in range(3):
-        sample = ruler.make_sample(Key(task, 4096, None, index), TOK)
-        haystack = text_of(sample).split("\n")[1]
-        counts = Counter(haystack.split())
-        rest = max(c for w, c in counts.items() if w not in sample.references)
-        assert len(sample.references) == top and min(counts[w] for w in sample.references) >= rest
-        if task == "cwe":
-            assert min(counts[w] for w in sample.references) > rest  # strictly more common
-
-
-def test_babilong_generator() -> None:
-    for task in babilong.GENERATORS:
-        for index in range(4):
-            key = Key(task, 2048, None, index)
-            a, b, other = (babilong.generated_sample(key, TOK, seed) for seed in (0, 0, 1))
-            assert a.prompt_ids.numel() == 2048 and torch.equal(a.prompt_ids, b.prompt_ids)
-            assert not torch.equal(a.prompt_ids, other.prompt_ids)
-            assert a.insert_offsets == sorted(a.insert_offsets)  # facts stay in story order
-            assert re.search(rf"\b{a.references[0]}\b", text_of(a)[:-60])  # the answer is in the facts
-
-
-def test_babilong_qa1_answer_follows_from_facts() -> None:
-    for index in range(10):
-        sample = babilong.generated_sample(Key("qa1", 2048, None, index), TOK)
-        text = text_of(sample)
-        person = re.search(r"Question: Where is (\w+)\?", text).group(1)
-        moves = re.findall(rf"{person} (?:{'|'.join(babilong.MOVE)}) the (\w+)\.", text)
-        assert moves and moves[-1] == sample.references[0]
-
-
 # ---------------------------------------------------------------------------------------------- scoring
-def test_passkey_score() -> None:
-    ref = ["12345"]
-    assert passkey.score("passkey", " 12345.", ref) == 1.0
-    assert passkey.score("passkey", "is 12345 and 999", ref) == 1.0
-    for wrong in (" 1234", " 123456", "", "no key", " 54321 12345"):
-        assert passkey.score("passkey", wrong, ref) == 0.0
-
-
 def test_ruler_score() -> None:
     refs = ["1234567", "Blue-Sky", "7654321"]
     assert ruler.score("niah_multivalue", "1234567, blue-sky, 7654321", refs) == 1.0
     assert ruler.score("niah_multivalue", " 1234567 and BLUE-SKY", refs) == pytest.approx(2 / 3)
     assert ruler.score("niah_multivalue", " nothing", refs) == 0.0
     assert ruler.score("qa_1", "it is blue-sky", refs) == 1.0 and ruler.score("qa_1", "none", refs) == 0.0
-
-
-def test_babilong_score() -> None:
-    assert babilong.score("qa1", " The Kitchen.", ["kitchen"]) == 1.0
-    assert babilong.score("qa1", " kitchens", ["kitchen"]) == 0.0
-    assert babilong.score("qa1", "", ["kitchen"]) == 0.0
-    assert babilong.score("qa8", "milk and apple", ["apple,milk"]) == 1.0
-    assert babilong.score("qa8", "apple", ["apple,milk"]) == 0.0
 
 
 # -------------------------------------------------------------------------------------------- answering
@@ -226,7 +116,7 @@ def test_oracle_module_scores_100() -> None:
     for key in passkey.keys([512, 1024], [0.0, 0.5, 1.0], 2):
         sample = passkey.make_sample(key, TOK)
         reader.calls.clear()
-        assert passkey.score("passkey", answerer.answer(sample), sample.references) == 1.0
+        assert score("passkey", answerer.answer(sample), sample.references) == 1.0
         prefill = [(256, 0)] * (key.length // 256 - 1) + [(256, 1)]  # segment-wise, one logit at the end
         assert reader.calls == prefill + [(1, None)] * len(sample.target)  # then one token at a time until eos
 
@@ -235,7 +125,7 @@ def test_random_model_near_chance(tmp_path) -> None:
     answerer = ModelAnswerer("random", tiny_model(), TOK, segment=256)
     log = ResultsLog(tmp_path, {})
     keys = passkey.keys([512, 1024], [0.0, 1.0], 1)
-    sweep(answerer, keys, passkey.make_sample, passkey.score, log, progress=False)
+    sweep(answerer, keys, passkey.make_sample, score, log, progress=False)
     assert len(log.rows) == len(keys) and sum(r["score"] for r in log.rows) / len(keys) <= 0.1
 
 
@@ -244,17 +134,17 @@ def test_sweep_resumes(tmp_path) -> None:
     keys = passkey.keys([512], [0.0, 0.5, 1.0], 3)
     first = Counting(fail_after=4)
     with pytest.raises(RuntimeError, match="interrupted"):
-        sweep(first, keys, passkey.make_sample, passkey.score, ResultsLog(tmp_path, {"seed": 0}), progress=False)
+        sweep(first, keys, passkey.make_sample, score, ResultsLog(tmp_path, {"seed": 0}), progress=False)
     with (tmp_path / "results.jsonl").open("a") as f:
         f.write('{"model": "counting", "task": "pass')  # a write cut short by the interruption
     second = Counting()
     log = ResultsLog(tmp_path, {"seed": 0})
-    assert sweep(second, keys, passkey.make_sample, passkey.score, log, progress=False) == len(keys) - 4
+    assert sweep(second, keys, passkey.make_sample, score, log, progress=False) == len(keys) - 4
     assert second.calls == len(keys) - 4
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(rows) == len(keys) == len({(r["length"], r["depth"], r["index"]) for r in rows})
     third = Counting()
-    assert sweep(third, keys, passkey.make_sample, passkey.score, ResultsLog(tmp_path, {"seed": 0})) == 0
+    assert sweep(third, keys, passkey.make_sample, score, ResultsLog(tmp_path, {"seed": 0})) == 0
     assert third.calls == 0
     with pytest.raises(BenchmarkError, match="other settings"):
         ResultsLog(tmp_path, {"seed": 1})
@@ -319,7 +209,7 @@ def test_babilong_command_generated_and_files(tmp_path) -> None:
 def test_checkpoint_directory(tmp_path) -> None:
     tiny_model().save_pretrained(tmp_path / "model")
     answerer = load_answerer(f"mine={tmp_path / 'model'}")
-    assert answerer.name == "mine" and isinstance(answerer.tokenizer, ByteTextTokenizer)
+    assert answerer.name == "mine" and isinstance(answerer.tokenizer, ByteTokenizer)
     passkey.main(["--checkpoint", f"mine={tmp_path / 'model'}", "--lengths", "512", "--depths", "0.5",
                   "--samples", "1", "--out", str(tmp_path / "out")])
     assert ("mine", "passkey", 512) in summary_of(tmp_path / "out")
@@ -395,9 +285,10 @@ def test_hf_tokenizer_path(tmp_path, monkeypatch) -> None:
     (tmp_path / "tok" / "tokenizer.json").write_text("{}")
     (tmp_path / "tok" / "tokenizer_config.json").write_text('{"bos_token": {"content": "<s>"}, "eos_token": "</s>"}')
     tok = load_tokenizer(str(tmp_path / "tok"))
-    assert (tok.bos_id, tok.eos_id) == (1, 2) and tok.decode(tok.encode_many(["hello"])[0]) == "hello"
-    for task in ruler.TASKS:
-        sample = ruler.make_sample(Key(task, 2000, None, 0), tok)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2) and tok.decode(tok.encode(" hello")) == " hello"
+    assert tok.decode(tok.encode_many(["hello"])[0]) == "hello"
+    for task in TASKS:
+        sample = TASKS[task](random.Random(0), tok, 2000)
         assert sample.prompt_ids.numel() == 2000 and sample.prompt_ids[0] == 1
     sample = passkey.make_sample(Key("passkey", 1001, 0.5, 0), tok)
     assert sample.prompt_ids.numel() == 1001 and sample.references[0] in tok.decode(sample.prompt_ids.tolist())
@@ -412,6 +303,8 @@ def test_hf_tokenizer_path(tmp_path, monkeypatch) -> None:
 def test_hf_tokenizer_needs_a_library(tmp_path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)
     monkeypatch.setitem(sys.modules, "tokenizers", None)
-    with pytest.raises(BenchmarkError, match="needs the `transformers` or `tokenizers` package"):
+    with pytest.raises(ImportError, match="needs the `transformers` or `tokenizers` package"):
         load_tokenizer(str(tmp_path))
-    assert isinstance(load_tokenizer(None, str(tmp_path)), ByteTextTokenizer)  # no tokenizer files: bytes
+    with pytest.raises(SystemExit, match="needs the `transformers` or `tokenizers` package"):
+        passkey.main(["--checkpoint", "oracle", "--tokenizer", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert isinstance(load_tokenizer(None, str(tmp_path)), ByteTokenizer)  # no tokenizer files: bytes

@@ -1,8 +1,10 @@
-"""The CPU-checkable parts of benchmarks/long_context.py: length parsing and the dense baseline's KV cache."""
+"""The CPU-checkable parts of benchmarks/long_context.py: length parsing (benchmarks/common.py) and the dense
+baseline's KV cache."""
 
 import torch
 
-from benchmarks.long_context import DenseModel, parse_length
+from benchmarks.common import parse_length
+from benchmarks.long_context import DenseModel
 from ramba import HSAHybridConfig
 
 

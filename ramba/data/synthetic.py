@@ -15,7 +15,7 @@ from itertools import islice
 
 import torch
 
-from ramba.tokenizer import ByteTokenizer
+from ramba.tokenizer import Tokenizer
 
 ADJECTIVES = (
     "old young quiet bright dark small large warm cold green silver golden gentle busy empty distant "
@@ -206,15 +206,17 @@ def kv_recall_document(rng: random.Random, length_chars: int, n_pairs: int) -> S
     return Sample(prompt, answer, starts[asked])
 
 
-def _examples(rng: random.Random, seq_len: int, tokenizer: ByteTokenizer) -> Iterator[dict[str, torch.Tensor]]:
-    """Examples forever (see `synthetic_examples`); one bos + prompt + answer + eos document per example."""
+def _examples(rng: random.Random, seq_len: int, tokenizer: Tokenizer) -> Iterator[dict[str, torch.Tensor]]:
+    """Examples forever (see `synthetic_examples`); one bos + prompt + answer + eos document per example (eos
+    stands in for a missing bos)."""
+    bos = tokenizer.eos_id if tokenizer.bos_id is None else tokenizer.bos_id
     while True:
         length = rng.randint(math.ceil(MIN_FILL * seq_len), seq_len - 2)
         if rng.random() < 0.5:
             sample = passkey_document(rng, length)
         else:
             sample = kv_recall_document(rng, length, rng.randint(1, max(1, min(16, length // 200))))
-        prompt = [tokenizer.bos_id] + tokenizer.encode(sample.prompt)
+        prompt = [bos] + tokenizer.encode(sample.prompt)
         answer = tokenizer.encode(sample.answer)
         ids = prompt + answer + [tokenizer.eos_id]
         if len(ids) > seq_len:
@@ -229,7 +231,7 @@ def _examples(rng: random.Random, seq_len: int, tokenizer: ByteTokenizer) -> Ite
         yield {"input_ids": input_ids, "labels": labels, "answer_mask": mask, "needle_pos": torch.tensor(needle)}
 
 
-def synthetic_examples(seed: int, seq_len: int, tokenizer: ByteTokenizer) -> Iterator[dict[str, torch.Tensor]]:
+def synthetic_examples(seed: int, seq_len: int, tokenizer: Tokenizer) -> Iterator[dict[str, torch.Tensor]]:
     """Infinite deterministic stream of examples, one pass-key or key-value document each, as dicts:
     input_ids, labels [seq_len] (labels unshifted, -100 on padding), answer_mask bool [seq_len] (the answer
     tokens) and needle_pos (token index where the fact that holds the answer starts)."""
@@ -238,7 +240,7 @@ def synthetic_examples(seed: int, seq_len: int, tokenizer: ByteTokenizer) -> Ite
     return _examples(random.Random(seed), seq_len, tokenizer)
 
 
-def training_mixture(seed: int, seq_len: int, tokenizer: ByteTokenizer) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def training_mixture(seed: int, seq_len: int, tokenizer: Tokenizer) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Infinite deterministic stream of (input_ids [seq_len], labels [seq_len]).
 
     Each example is one pass-key or key-value document (50/50, random depth) filling 70-100% of
@@ -247,7 +249,7 @@ def training_mixture(seed: int, seq_len: int, tokenizer: ByteTokenizer) -> Itera
     return ((ex["input_ids"], ex["labels"]) for ex in synthetic_examples(seed, seq_len, tokenizer))
 
 
-def make_batch(seed: int, batch_size: int, seq_len: int, tokenizer: ByteTokenizer) -> dict[str, torch.Tensor]:
+def make_batch(seed: int, batch_size: int, seq_len: int, tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
     """The first `batch_size` examples of `synthetic_examples(seed, ...)` stacked.
 
     Keys: input_ids, labels (LongTensor [B, seq_len]); answer_mask (bool [B, seq_len], True on answer tokens);

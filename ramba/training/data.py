@@ -1,4 +1,4 @@
-"""Training data: tokenizers, document sources, and packing into fixed-length sequences.
+"""Training data: document sources, and packing into fixed-length sequences.
 
 Sources: "builtin" (the synthetic pass-key / key-value mixture, one document per sequence, with the answer
 and needle positions for retrieval statistics), local text / jsonl / parquet files, or a `datasets` hub
@@ -11,50 +11,14 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
 from ..data.synthetic import synthetic_examples
-from ..tokenizer import ByteTokenizer
+from ..tokenizer import Tokenizer
 from .config import DataSection
 
 FILE_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-class Tokenizer(Protocol):
-    vocab_size: int
-    bos_id: int
-    eos_id: int
-    pad_id: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-
-class HFTokenizer:
-    """A Hugging Face tokenizer behind the small interface the recipes use."""
-
-    def __init__(self, name_or_path: str):
-        try:
-            from transformers import AutoTokenizer
-        except ImportError as err:
-            raise ImportError(f"data.tokenizer={name_or_path!r} needs the transformers package: "
-                              "pip install transformers (or use data.tokenizer=byte)") from err
-        self.tok = AutoTokenizer.from_pretrained(name_or_path)
-        self.vocab_size = len(self.tok)
-        self.eos_id = self.tok.eos_token_id
-        if self.eos_id is None:
-            raise ValueError(f"tokenizer {name_or_path!r} has no end-of-sequence token to separate documents")
-        self.bos_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.eos_id
-        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False)
-
-
-def load_tokenizer(spec: str) -> Tokenizer:
-    """"byte" -> the built-in ByteTokenizer; anything else -> a Hugging Face tokenizer (name or local path)."""
-    return ByteTokenizer() if spec == "byte" else HFTokenizer(spec)
 
 
 def _load_dataset(data: DataSection, seed: int):

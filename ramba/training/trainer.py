@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 from ..config import HSAHybridConfig
 from ..data.synthetic import synthetic_examples
 from ..model import HSAHybrid
+from ..tokenizer import load_tokenizer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RunConfig
-from .data import batches, load_tokenizer, sequences
+from .data import batches, sequences
 
 logger = logging.getLogger("ramba.train")
 EVAL_SEED_OFFSET = 10**6
@@ -135,6 +136,8 @@ def train(run: RunConfig, resume: bool | str = False) -> Path:
             (output_dir / "metrics.jsonl").unlink(missing_ok=True)
     set_seed(t.seed)
     tokenizer = load_tokenizer(run.data.tokenizer)
+    if tokenizer.eos_id is None:
+        raise ValueError(f"tokenizer {run.data.tokenizer!r} has no end-of-sequence token to separate documents")
     model = build_model(run, tokenizer.vocab_size)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup, t.steps, t.min_lr_ratio))

@@ -1,0 +1,143 @@
+"""Answerers of the benchmarks: a model answering greedily with a segment-wise prefill, or the oracle."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks.common import BenchmarkError
+from ramba import HSAHybrid, HSAHybridConfig
+from ramba.data.tasks import Sample
+from ramba.tokenizer import Tokenizer, load_tokenizer
+
+BUILTIN = {"builtin:tiny-random": "tiny"}
+PROGRESS_SEGMENTS = 16  # prefill progress bar from this many segments on
+
+
+class Answerer(Protocol):
+    """Anything that answers samples: a model with its tokenizer, or the oracle."""
+
+    name: str
+    tokenizer: Tokenizer
+
+    def answer(self, sample: Sample) -> str: ...
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    tensor = next(chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def answer_greedy(model: torch.nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, segment: int = 4096,
+                  stop_ids: Sequence[int] = (), offload: bool = False, progress: bool | None = None) -> list[int]:
+    """Greedy continuation (token ids, without the stop token) of a 1-D prompt.
+
+    The prompt is prefilled in segments into a cache (`model.new_cache(1)`, then `model(segment, cache=cache,
+    logits_to_keep=0)`, the last segment keeping one logit), so memory stays flat in the prompt length apart
+    from the model's chunk memory; only one segment at a time goes to the model's device. `model` is an
+    HSAHybrid or any module with the same `new_cache` / `forward(..., cache=, logits_to_keep=)` interface.
+    """
+    if prompt_ids.dim() != 1 or prompt_ids.numel() == 0:
+        raise ValueError(f"prompt_ids must be a non-empty 1-D tensor, got shape {tuple(prompt_ids.shape)}")
+    if segment < 1:
+        raise ValueError(f"segment must be >= 1, got {segment}")
+    model.eval()
+    device = _device(model)
+    cache = model.new_cache(1, offload=offload)
+    starts = range(0, prompt_ids.numel(), segment)
+    show = len(starts) >= PROGRESS_SEGMENTS if progress is None else progress
+    for start in tqdm(starts, desc="prefill", unit="segment", leave=False, disable=not show):
+        piece = prompt_ids[start:start + segment].to(device).long()[None]
+        last = start + segment >= prompt_ids.numel()
+        logits = model(piece, cache=cache, logits_to_keep=1 if last else 0).logits
+    out: list[int] = []
+    stops = set(stop_ids)
+    while len(out) < max_new_tokens:
+        token = int(logits[0, -1].argmax())
+        if token in stops:
+            break
+        out.append(token)
+        if len(out) < max_new_tokens:
+            logits = model(torch.tensor([[token]], device=device), cache=cache).logits
+    return out
+
+
+@dataclass
+class ModelAnswerer:
+    """Greedy answers of a model (HSAHybrid or the same interface)."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    segment: int = 4096
+    offload: bool = False
+
+    def answer(self, sample: Sample) -> str:
+        stops = [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else []
+        ids = answer_greedy(self.model, sample.prompt_ids, sample.max_new_tokens, self.segment, stops, self.offload)
+        return self.tokenizer.decode(ids)
+
+
+@dataclass
+class OracleAnswerer:
+    """Always answers the ideal continuation: checks the benchmark pipeline and its scoring end to end."""
+
+    name: str
+    tokenizer: Tokenizer
+
+    def answer(self, sample: Sample) -> str:
+        return sample.target
+
+
+def benchmark_tokenizer(spec: str | None, checkpoint: str | None = None) -> Tokenizer:
+    """ramba.tokenizer.load_tokenizer (--tokenizer, else the checkpoint's own, else bytes); its errors as
+    BenchmarkError."""
+    try:
+        return load_tokenizer(spec, checkpoint)
+    except (ImportError, ValueError) as err:
+        raise BenchmarkError(str(err)) from err
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_answerer(spec: str, tokenizer: str | None = None, device: str = "cpu", dtype: str = "auto",
+                  segment: int = 4096, offload: bool = False) -> Answerer:
+    """`--checkpoint` value -> Answerer: `[NAME=]DIR` (a directory written by HSAHybrid.save_pretrained),
+    `builtin:tiny-random` (the tiny preset, randomly initialised, seed 0) or `oracle`."""
+    name, sep, path = spec.partition("=")
+    if not sep:
+        name = path = spec
+    if path == "oracle":
+        return OracleAnswerer(name, benchmark_tokenizer(tokenizer))
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BenchmarkError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+    if path.startswith("builtin:"):
+        if path not in BUILTIN:
+            raise BenchmarkError(f"unknown built-in model {path!r}; known: {', '.join(BUILTIN)}")
+        torch.manual_seed(0)
+        model = HSAHybrid(HSAHybridConfig.preset(BUILTIN[path]))
+        tok = benchmark_tokenizer(tokenizer)
+    else:
+        try:
+            model = HSAHybrid.from_pretrained(path)
+        except Exception as err:  # missing files, bad JSON, a bad config, weights that do not match...
+            raise BenchmarkError(f"could not load a model from {path!r}: {err}\n--checkpoint takes a directory "
+                                 "written by HSAHybrid.save_pretrained (config.json and model.safetensors), "
+                                 f"{', '.join(BUILTIN)} or oracle") from err
+        tok = benchmark_tokenizer(tokenizer, path)
+    if tok.vocab_size > model.config.vocab_size:
+        raise BenchmarkError(f"the tokenizer {tok.name!r} has {tok.vocab_size} ids but the model {name!r} only "
+                             f"{model.config.vocab_size}: give the model's own tokenizer with --tokenizer")
+    model = model.to(dev, _dtype(dtype, dev)).eval()
+    return ModelAnswerer(name, model, tok, segment, offload)

@@ -1,0 +1,56 @@
+"""Long-context tasks: prompts of an exact token length with the answers to score them against.
+
+Every task is a function of one signature, `TaskFn`:
+
+    TASKS[name](rng: random.Random, tokenizer: Tokenizer, length: int, depth: float | None = None) -> Sample
+
+- rng: the sample's only random source (`sample_rng(seed, key)` derives one from a seed and a `Key`);
+- tokenizer: any `ramba.tokenizer.Tokenizer` (bos is prepended where it has one);
+- length: the prompt length in tokens, met exactly (TaskError if the task does not fit);
+- depth: where the asked fact goes, a fraction of the haystack in [0, 1] (None: random); tasks whose facts
+  all lie at random depths (vt, cwe, fwe, qa1..qa5) do not use it.
+
+A Sample holds prompt_ids (int32 [length]), target (the ideal continuation), references (what scoring looks
+for), max_new_tokens and the token offset of each inserted fact. `score(task, output, references)` is in
+[0, 1]; it is 1 for the target.
+
+Tasks: passkey; niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, cwe, fwe
+(RULER-style); qa1..qa5 (bAbI-style, as in BABILong).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ramba.tokenizer import Tokenizer
+
+from . import babilong, passkey, ruler
+from .prompt import HAYSTACKS, Key, Prompt, Sample, TaskError, TaskFn, build_prompt, encode_prompt, sample_rng
+
+TASKS: dict[str, TaskFn] = {"passkey": passkey.sample, **ruler.TASKS, **babilong.TASKS}
+SCORES: dict[str, Callable[[str, list[str]], float]] = {
+    "passkey": passkey.score,
+    **dict.fromkeys(ruler.TASKS, ruler.match_all),
+    **dict.fromkeys(babilong.TASKS, babilong.score),
+}
+
+
+def _known(task: str) -> None:
+    if task not in TASKS:
+        raise TaskError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+
+
+def make_sample(key: Key, tokenizer: Tokenizer, seed: int = 0) -> Sample:
+    """The sample of (seed, key): TASKS[key.task] at key.length and key.depth, drawn from sample_rng(seed, key)."""
+    _known(key.task)
+    return TASKS[key.task](sample_rng(seed, key), tokenizer, key.length, key.depth)
+
+
+def score(task: str, output: str, references: list[str]) -> float:
+    """How right `output` is, in [0, 1], by the task's own rule (see each task module)."""
+    _known(task)
+    return SCORES[task](output, references)
+
+
+__all__ = ["HAYSTACKS", "SCORES", "TASKS", "Key", "Prompt", "Sample", "TaskError", "TaskFn", "build_prompt",
+           "encode_prompt", "make_sample", "sample_rng", "score"]

@@ -1,0 +1,32 @@
+"""Pass key: a 5-to-7-digit key hidden at a chosen depth of a long haystack, asked for at the end."""
+
+from __future__ import annotations
+
+import random
+import re
+
+from ramba.data.synthetic import PASSKEY_QUESTION
+from ramba.tokenizer import Tokenizer
+
+from .prompt import Sample, build_prompt, haystack_units
+
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+
+
+def sample(rng: random.Random, tokenizer: Tokenizer, length: int, depth: float | None = None,
+           haystack: str = "noise") -> Sample:
+    """`length` tokens: a `haystack` ("noise" or "essay"), the needle at `depth` (random if None), the question."""
+    if depth is None:
+        depth = rng.random()
+    digits = rng.randint(5, 7)
+    key = str(rng.randrange(10 ** (digits - 1), 10**digits))
+    prompt = build_prompt(tokenizer, length, "", haystack_units(haystack, rng),
+                          [(depth, " " + NEEDLE.format(key=key))], " " + PASSKEY_QUESTION, "passkey")
+    target = f" {key}"
+    return Sample(prompt.ids, target, [key], len(tokenizer.encode(target)) + 4, prompt.insert_offsets)
+
+
+def score(output: str, references: list[str]) -> float:
+    """1 iff the first run of digits in the output is the key."""
+    digits = re.search(r"\d+", output)
+    return float(digits is not None and digits.group() == references[0])

@@ -1,0 +1,137 @@
+"""Prompts of an exact token length: a head, a haystack with facts inserted at chosen depths, a tail.
+
+Everything draws from a `random.Random`; `sample_rng` derives one per sample from a seed and a `Key`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import chain, count, cycle, islice
+
+import torch
+
+from ramba.data.synthetic import filler
+from ramba.tokenizer import Tokenizer
+
+NOISE = ("The sky is clear and the sea is calm.", "The fields are green.", "A boat drifts past the old pier.",
+         "Nothing much happens here.", "Then it all starts over.")
+HAYSTACKS = ("noise", "essay")
+
+
+class TaskError(ValueError):
+    """A task that cannot be generated: an unknown task or haystack, a length too short for the task."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """Identifies one sample: task name, prompt length in tokens, depth (None: random) and sample index."""
+
+    task: str
+    length: int
+    depth: float | None
+    index: int
+
+
+def sample_rng(seed: int, key: Key) -> random.Random:
+    """The random source of one sample: the same for the same seed and key, whatever else runs."""
+    return random.Random(f"{seed}:{key.task}:{key.length}:{key.depth}:{key.index}")
+
+
+@dataclass
+class Sample:
+    """One question: prompt token ids (int32 [length], CPU), the ideal continuation, and what scoring looks for."""
+
+    prompt_ids: torch.Tensor
+    target: str
+    references: list[str]
+    max_new_tokens: int
+    insert_offsets: list[int] = field(default_factory=list)  # token offset of each inserted fact
+
+
+TaskFn = Callable[[random.Random, Tokenizer, int, float | None], Sample]  # (rng, tokenizer, length, depth)
+
+
+@dataclass
+class Prompt:
+    """A prompt built by build_prompt."""
+
+    ids: torch.Tensor  # int32 [length]
+    insert_offsets: list[int]  # token offset of each insert, in the order given
+    whole_units: int  # haystack units included whole (the next one may be cut)
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str) -> torch.Tensor:
+    """int32 [n]: bos (where the tokenizer has one), then the tokens of `text`."""
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    return torch.tensor(bos + tokenizer.encode(text), dtype=torch.int32)
+
+
+def _haystack(tokenizer: Tokenizer, units: Iterator[str], budget: int) -> tuple[torch.Tensor, list[int], int]:
+    """Token ids of the first `budget` tokens of the concatenated units, the unit boundaries (token offsets,
+    0 and `budget` included) and the number of whole units."""
+    pieces, bounds, total = [], [0], 0
+    while total < budget:
+        size = 64 if total == 0 else min(65536, max(64, int(1.05 * (budget - total) * (len(bounds) - 1) / total)))
+        block = list(islice(units, size))
+        if not block:
+            raise TaskError("the haystack ran out of text")
+        encoded = tokenizer.encode_many(block)
+        for ids in encoded:
+            total += len(ids)
+            bounds.append(total)
+        pieces.append(torch.tensor(list(chain.from_iterable(encoded)), dtype=torch.int32))
+    ids = torch.cat(pieces)[:budget]
+    whole = bisect.bisect_right(bounds, budget) - 1
+    bounds = bounds[:whole + 1]
+    if bounds[-1] != budget:
+        bounds.append(budget)
+    return ids, bounds, whole
+
+
+def _nearest(bounds: list[int], position: float) -> int:
+    i = bisect.bisect_left(bounds, position)
+    candidates = bounds[max(0, i - 1):i + 1]
+    return min(candidates, key=lambda b: abs(b - position))
+
+
+def build_prompt(tokenizer: Tokenizer, length: int, head: str, units: Iterator[str],
+                 inserts: Sequence[tuple[float, str]], tail: str, task: str) -> Prompt:
+    """bos + head + haystack + tail of exactly `length` tokens, with each (depth, text) insert placed at the unit
+    boundary of the haystack nearest `depth` (0: its start, 1: its end; inserts at one place keep their order).
+
+    The haystack is the token stream of `units` cut at the length that remains; units and inserts carry their
+    own separators (a leading space, say). `task` names the task in errors.
+    """
+    head_ids = encode_prompt(tokenizer, head)
+    tail_ids = tokenizer.encode(tail)
+    insert_ids = tokenizer.encode_many([text for _, text in inserts])
+    fixed = len(head_ids) + len(tail_ids) + sum(map(len, insert_ids))
+    if fixed >= length:
+        raise TaskError(f"{task}: a length of {length} tokens is too short; its instructions, question and "
+                        f"{len(inserts)} inserted fact(s) alone take {fixed} tokens")
+    hay, bounds, whole = _haystack(tokenizer, units, length - fixed)
+    slots = [_nearest(bounds, depth * len(hay)) for depth, _ in inserts]
+    parts, offsets, cursor, offset = [head_ids], [0] * len(inserts), 0, len(head_ids)
+    for k in sorted(range(len(inserts)), key=lambda k: (slots[k], k)):
+        parts.append(hay[cursor:slots[k]])
+        offset += slots[k] - cursor
+        cursor = slots[k]
+        offsets[k] = offset
+        parts.append(torch.tensor(insert_ids[k], dtype=torch.int32))
+        offset += len(insert_ids[k])
+    parts += [hay[cursor:], torch.tensor(tail_ids, dtype=torch.int32)]
+    return Prompt(torch.cat(parts), offsets, whole)
+
+
+def haystack_units(kind: str, rng: random.Random) -> Iterator[str]:
+    """Haystack text, unit by unit (each with a leading space): `noise`, one short passage repeated, or `essay`,
+    English-like filler sentences (ramba.data.synthetic.filler) drawn from a generator seeded by `rng`."""
+    if kind == "noise":
+        return (" " + sentence for sentence in cycle(NOISE))
+    if kind == "essay":
+        child = random.Random(rng.getrandbits(64))
+        return (" " + filler(child, 120) for _ in count())
+    raise TaskError(f"unknown haystack {kind!r}; choose one of {', '.join(HAYSTACKS)}")
