@@ -25,7 +25,12 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    source: str = "builtin"  # "builtin", a datasets hub name, or local .txt/.jsonl/.json/.parquet files or folder
+    # "builtin" (synthetic pre-training mixture), "tasks" (long-context tasks for fine-tuning, see `tasks`),
+    # a datasets hub name, or local .txt/.jsonl/.json/.parquet files or a folder of them
+    source: str = "builtin"
+    tasks: list[str] = field(default_factory=lambda: ["passkey", "niah_single_1", "niah_multikey_1", "vt", "cwe",
+                                                      "qa1", "qa2"])
+    min_len: int = 256  # "tasks": prompt lengths are drawn between min_len and seq_len
     tokenizer: str = "byte"  # "byte" or a Hugging Face tokenizer name or local path
     seq_len: int = 1024
     text_field: str = "text"

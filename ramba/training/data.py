@@ -9,12 +9,14 @@ sequences of seq_len tokens with per-token document ids, so that the model keeps
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from ..data.synthetic import synthetic_examples
+from ..data.tasks import TASKS, TaskError
 from ..tokenizer import Tokenizer
 from .config import DataSection
 
@@ -77,10 +79,48 @@ def pack(documents: Iterator[list[int]], seq_len: int, eos_id: int) -> Iterator[
         doc += 1
 
 
+def task_examples(data: DataSection, tokenizer: Tokenizer, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Fine-tuning examples: a random task of data.tasks at a random prompt length in [min_len, seq_len),
+    followed by its answer and eos, right-padded to seq_len. Only the answer and eos carry labels.
+
+    Yields input_ids, labels [seq_len] and answer_mask (bool [seq_len], the answer tokens)."""
+    unknown = [t for t in data.tasks if t not in TASKS]
+    if unknown or not data.tasks:
+        raise ValueError(f"data.tasks: unknown {unknown or 'empty list'}; known tasks: {', '.join(TASKS)}")
+    if not 16 <= data.min_len < data.seq_len:
+        raise ValueError(f"data.min_len must lie in [16, data.seq_len={data.seq_len}), got {data.min_len}")
+    rng = random.Random(seed)
+    fits = {task: data.seq_len for task in data.tasks}  # the longest prompt that left room for the answer so far
+    while True:
+        task = rng.choice(data.tasks)
+        length = rng.randint(data.min_len, max(data.min_len, fits[task] - 1))
+        try:
+            sample = TASKS[task](rng, tokenizer, length)
+        except TaskError:  # too short for this task: draw again (lengths near seq_len will fit)
+            continue
+        answer = tokenizer.encode(sample.target) + [tokenizer.eos_id]
+        if length + len(answer) > data.seq_len:
+            fits[task] = min(fits[task], data.seq_len - len(answer))
+            if fits[task] <= data.min_len:
+                raise ValueError(f"task {task} does not fit data.seq_len={data.seq_len} with its answer")
+            continue
+        ids = torch.full((data.seq_len,), tokenizer.pad_id, dtype=torch.long)
+        ids[:length] = sample.prompt_ids.long()
+        ids[length:length + len(answer)] = torch.tensor(answer)
+        labels = torch.full_like(ids, -100)
+        labels[length:length + len(answer)] = ids[length:length + len(answer)]
+        answer_mask = torch.zeros(data.seq_len, dtype=torch.bool)
+        answer_mask[length:length + len(answer) - 1] = True
+        yield {"input_ids": ids, "labels": labels, "answer_mask": answer_mask}
+
+
 def sequences(data: DataSection, tokenizer: Tokenizer, seed: int) -> Iterator[dict[str, torch.Tensor]]:
     """The infinite training stream of one process: corpus passes repeat with a new shuffle each epoch."""
     if data.source == "builtin":
         yield from synthetic_examples(seed, data.seq_len, tokenizer)
+        return
+    if data.source == "tasks":
+        yield from task_examples(data, tokenizer, seed)
         return
     for epoch in itertools.count():
         docs = (tokenizer.encode(text) for text in corpus_documents(data, seed + epoch))

@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -17,7 +16,6 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ..config import HSAHybridConfig
-from ..data.synthetic import synthetic_examples
 from ..model import HSAHybrid
 from ..tokenizer import load_tokenizer
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -68,12 +66,9 @@ def retrieval_hits(retrieval: list[torch.Tensor], batch: dict[str, torch.Tensor]
 
 
 def eval_batches(run: RunConfig, tokenizer, seed: int) -> list[dict[str, torch.Tensor]]:
-    """Held-out sequences: a separate seed of the builtin mixture, or the first sequences of a corpus stream."""
-    if run.data.source == "builtin":
-        stream: Iterator = synthetic_examples(seed + EVAL_SEED_OFFSET, run.data.seq_len, tokenizer)
-    else:
-        stream = sequences(run.data, tokenizer, seed + EVAL_SEED_OFFSET)
-    rows = list(itertools.islice(stream, run.data.eval_sequences))
+    """Held-out sequences: the first ones of the stream under a separate seed (for a corpus, a differently
+    shuffled pass of the same data)."""
+    rows = list(itertools.islice(sequences(run.data, tokenizer, seed + EVAL_SEED_OFFSET), run.data.eval_sequences))
     size = run.train.batch_size
     return [{k: torch.stack([r[k] for r in rows[i:i + size]]) for k in rows[0]} for i in range(0, len(rows), size)]
 
@@ -84,23 +79,26 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate(model: HSAHybrid, held_out: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
-    """Mean loss over the held-out batches, and for builtin data the answer accuracy (all answer tokens right
-    under greedy next-token prediction) and the retrieval hit rate."""
+    """Mean loss over the held-out batches; with answers marked (builtin, tasks) the answer accuracy (all answer
+    tokens right under greedy next-token prediction); with needles marked (builtin) the retrieval hit rate."""
     model.eval()
     losses, correct, hits = [], [], []
     for batch in held_out:
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**model_inputs(batch), return_retrieval="answer_mask" in batch)
+        out = model(**model_inputs(batch), return_retrieval="needle_pos" in batch)
         losses.append(float(out.loss))
         if "answer_mask" in batch:
             predicted = out.logits[:, :-1].argmax(-1)
             mask = batch["answer_mask"][:, 1:]
             correct.append(((predicted == batch["input_ids"][:, 1:]) | ~mask).all(1).float().mean().item())
+        if "needle_pos" in batch:
             hits.append(retrieval_hits(out.retrieval, batch, model.config.chunk_size).item())
     model.train()
     result = {"eval_loss": sum(losses) / len(losses)}
     if correct:
-        result |= {"eval_answer_accuracy": sum(correct) / len(correct), "eval_retrieval_hit": sum(hits) / len(hits)}
+        result["eval_answer_accuracy"] = sum(correct) / len(correct)
+    if hits:
+        result["eval_retrieval_hit"] = sum(hits) / len(hits)
     return result
 
 
