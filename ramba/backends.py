@@ -56,5 +56,5 @@ def pick(kind: str, requested: str, device: torch.device) -> str:
                                    f"TRITON_INTERPRET=1 set before triton is imported), got {device.type}")
     if (kind, choice) not in _logged:
         _logged.add((kind, choice))
-        logger.info("ramba: %s backend: %s", kind, choice)
+        logger.info("%s backend: %s", kind, choice)
     return choice
