@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain
 from typing import Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from benchmarks.common import BenchmarkError
 from ramba import HSAHybrid, HSAHybridConfig
+from ramba.generation import generate
 from ramba.data.tasks import Sample
 from ramba.tokenizer import Tokenizer, load_tokenizer
 
@@ -28,11 +27,6 @@ class Answerer(Protocol):
     def answer(self, sample: Sample) -> str: ...
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    tensor = next(chain(model.parameters(), model.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
 @torch.no_grad()
 def answer_greedy(model: torch.nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, segment: int = 4096,
                   stop_ids: Sequence[int] = (), offload: bool = False, progress: bool | None = None) -> list[int]:
@@ -45,27 +39,12 @@ def answer_greedy(model: torch.nn.Module, prompt_ids: torch.Tensor, max_new_toke
     """
     if prompt_ids.dim() != 1 or prompt_ids.numel() == 0:
         raise ValueError(f"prompt_ids must be a non-empty 1-D tensor, got shape {tuple(prompt_ids.shape)}")
-    if segment < 1:
-        raise ValueError(f"segment must be >= 1, got {segment}")
-    model.eval()
-    device = _device(model)
-    cache = model.new_cache(1, offload=offload)
-    starts = range(0, prompt_ids.numel(), segment)
-    show = len(starts) >= PROGRESS_SEGMENTS if progress is None else progress
-    for start in tqdm(starts, desc="prefill", unit="segment", leave=False, disable=not show):
-        piece = prompt_ids[start:start + segment].to(device).long()[None]
-        last = start + segment >= prompt_ids.numel()
-        logits = model(piece, cache=cache, logits_to_keep=1 if last else 0).logits
-    out: list[int] = []
+    show = -(-prompt_ids.numel() // max(segment, 1)) >= PROGRESS_SEGMENTS if progress is None else progress
+    ids = generate(model, prompt_ids.long()[None], max_new_tokens, stop_tokens=stop_ids, segment_size=segment,
+                   offload=offload, progress=show)
+    out = ids[0, prompt_ids.numel():].tolist()
     stops = set(stop_ids)
-    while len(out) < max_new_tokens:
-        token = int(logits[0, -1].argmax())
-        if token in stops:
-            break
-        out.append(token)
-        if len(out) < max_new_tokens:
-            logits = model(torch.tensor([[token]], device=device), cache=cache).logits
-    return out
+    return next((out[:i] for i, token in enumerate(out) if token in stops), out)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import TYPE_CHECKING, Iterable
 
 import torch
@@ -9,6 +10,12 @@ from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
     from .model import HSAHybrid
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's weights (CPU for a model without any)."""
+    tensor = next(chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
@@ -39,11 +46,13 @@ def generate(
     generator: torch.Generator | None = None,
     progress: bool | None = None,
 ) -> torch.Tensor:
-    """Continue every row of input_ids [B, L] by up to max_new_tokens tokens -> [B, L + T].
+    """Continue every row of input_ids [B, L] by up to max_new_tokens tokens -> [B, L + T] on input_ids' device.
 
     attention_mask [B, L] marks left padding (0) of shorter prompts. Greedy unless do_sample (temperature,
     top_p). A row stops after it emits one of stop_tokens; later positions get pad_token_id. The prompt is
-    prefilled in segments of segment_size tokens (a progress bar shows when there are several).
+    prefilled in segments of segment_size tokens, each moved to the model's device on its own, so a very long
+    prompt can stay in CPU memory (a progress bar shows when there are several segments). `model` is an
+    HSAHybrid or any module with the same `new_cache` / `forward(..., cache=, logits_to_keep=)` interface.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, length] with length >= 1, got {tuple(input_ids.shape)}")
@@ -57,12 +66,11 @@ def generate(
         raise ValueError(f"segment_size must be >= 1, got {segment_size}")
     model.eval()
     B, L = input_ids.shape
-    device = model.embed.weight.device
-    input_ids = input_ids.to(device)
+    device = model_device(model)
     valid = None
     first = segment_size
     if attention_mask is not None:
-        valid = attention_mask.to(device) != 0
+        valid = attention_mask != 0
         if bool((valid[:, :-1] & ~valid[:, 1:]).any()):
             raise ValueError("generate needs left padding (pad tokens before the prompt); right-padded prompts "
                              "would continue from their padding")
@@ -73,9 +81,9 @@ def generate(
     bounds = [0, *range(min(first, L), L, segment_size), L]
     bar = tqdm(total=L, desc="prefill", unit="tok", disable=not (progress if progress is not None else len(bounds) > 2))
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        mask = None if valid is None or i else attention_mask[:, start:end]
-        logits = model(input_ids[:, start:end], attention_mask=mask, cache=cache,
-                       logits_to_keep=1 if end == L else 0).logits
+        padding = {} if valid is None or i else {"attention_mask": attention_mask[:, start:end].to(device)}
+        logits = model(input_ids[:, start:end].to(device), cache=cache, logits_to_keep=1 if end == L else 0,
+                       **padding).logits
         bar.update(end - start)
     bar.close()
 
@@ -85,7 +93,7 @@ def generate(
         last = logits[:, -1]
         token = sample_next(last, temperature, top_p, generator) if do_sample else last.argmax(-1)
         token = token.masked_fill(done, pad_token_id)
-        out.append(token[:, None])
+        out.append(token[:, None].to(input_ids.device))
         done |= torch.isin(token, stops)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
