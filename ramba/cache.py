@@ -143,7 +143,9 @@ class ChunkStore:
             return self.k[:, :chunks * S], self.v[:, :chunks * S], indices
         B = indices.shape[0]
         picked = [torch.unique(row[row >= 0]) for row in indices.reshape(B, -1)]  # sorted chunk ids per row
-        width = max(1, max(p.numel() for p in picked))
+        width = max(p.numel() for p in picked)
+        if width == 0:  # nothing selected (e.g. no complete chunk yet)
+            return self.k[:, :0].to(self.device), self.v[:, :0].to(self.device), indices
         table = torch.zeros(B, width, dtype=torch.long, device=indices.device)
         for b, p in enumerate(picked):
             table[b, :p.numel()] = p
@@ -165,8 +167,6 @@ class HSACache:
                  dtype: torch.dtype, offload: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if offload and device.type == "cpu":
-            offload = False  # the memory is in CPU memory already
         self.config, self.owner, self.batch_size, self.offload = config, owner, batch_size, offload
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens seen per row
         self.states = [new_mixer_state(config, i, batch_size, device, dtype) for i in range(config.n_layers)]
