@@ -202,3 +202,13 @@ def test_flash_matches_reference(docs):
     got = swa_flash(q, k, v, 64, doc_ids)
     want = swa_reference(q.float(), k.float(), v.float(), 64, doc_ids)
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_flex_block_mask_is_built_once_per_input():
+    from ramba.ops.swa.flex import swa_block_mask
+
+    docs = torch.zeros(1, 200, dtype=torch.long)
+    first = swa_block_mask(16, 200, torch.device("cpu"), docs)
+    assert swa_block_mask(16, 200, torch.device("cpu"), docs) is first
+    assert swa_block_mask(16, 200, torch.device("cpu"), docs.clone()) is not first
+    assert swa_block_mask(32, 200, torch.device("cpu"), docs) is not first

@@ -15,9 +15,25 @@ def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
     return torch.compile(flex_attention)
 
 
+_last_mask: tuple[tuple, torch.Tensor | None, BlockMask] | None = None
+
+
 def swa_block_mask(window: int, length: int, device: torch.device,
                    doc_ids: torch.Tensor | None = None) -> BlockMask:
-    """Block mask for causal attention within `window` and, with doc_ids [B, L], within one document."""
+    """Block mask for causal attention within `window` and, with doc_ids [B, L], within one document.
+
+    The last mask is reused while the arguments are the same and doc_ids is the same tensor object (not
+    modified in place meanwhile), so the SWA layers of one forward pass build it once."""
+    global _last_mask
+    key = (window, length, device)
+    if _last_mask is not None and _last_mask[0] == key and _last_mask[1] is doc_ids:
+        return _last_mask[2]
+    _last_mask = (key, doc_ids, _build_block_mask(window, length, device, doc_ids))
+    return _last_mask[2]
+
+
+def _build_block_mask(window: int, length: int, device: torch.device, doc_ids: torch.Tensor | None) -> BlockMask:
+    """A new block mask (see swa_block_mask)."""
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         visible = (q_idx >= kv_idx) & (q_idx - kv_idx < window)
