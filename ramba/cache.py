@@ -173,10 +173,9 @@ class HSACache:
         self.pending = torch.zeros(batch_size, config.chunk_size, config.d_model, device=device, dtype=dtype)
         self.pending_len = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.store = ChunkStore(config, batch_size, device, dtype, offload)
-        # the exact shortcut for all-SWA upper stacks keeps the lower-stack outputs of the upper receptive field
-        self.context: torch.Tensor | None = None           # [B, R, d]
-        self.context_valid: torch.Tensor | None = None     # [B, R]
-        self.context_positions: torch.Tensor | None = None  # [B, R]
+        # the exact shortcut for all-SWA upper stacks keeps the lower-stack outputs of the upper receptive field:
+        # hidden states [B, R, d], whether each is a real token [B, R], and their positions [B, R]
+        self.context: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.upper_stale = False
 
     @property
@@ -195,6 +194,18 @@ class HSACache:
                              "segments must be all tokens")
         if int(self.lengths.max()) + input_ids.shape[1] > MAX_POSITION:
             raise ValueError(f"positions beyond {MAX_POSITION:,} tokens are not supported")
+
+    def extend_context(self, x: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
+                       keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kept context followed by this segment's lower-stack outputs x [B, L, d] (with valid and positions
+        [B, L]); remembers the last `keep` positions of it for the next call."""
+        new = (x, valid, positions)
+        if self.context is None:
+            self.context = tuple(t[:, :0] for t in new)
+        joined = tuple(torch.cat([old, t], dim=1) for old, t in zip(self.context, new))
+        start = max(0, joined[0].shape[1] - keep)
+        self.context = tuple(t[:, start:] for t in joined)
+        return joined
 
     def update_pending(self, h: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add the new normalised lower-stack states h [B, L, d] (valid: bool [B, L]) to the incomplete chunk.

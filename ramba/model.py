@@ -226,16 +226,7 @@ class HSAHybrid(nn.Module):
 
         # all-SWA upper stack: keep the lower outputs of its receptive field, run it only where needed
         R = self.upper_receptive_field
-        if cache.context is None:
-            cache.context = x.new_zeros(B, 0, x.shape[2])
-            cache.context_valid = real.new_zeros(B, 0)
-            cache.context_positions = positions.new_zeros(B, 0)
-        context = torch.cat([cache.context, x], dim=1)
-        context_valid = torch.cat([cache.context_valid, real], dim=1)
-        context_positions = torch.cat([cache.context_positions, positions], dim=1)
-        cache.context = context[:, max(0, context.shape[1] - R):]
-        cache.context_valid = context_valid[:, max(0, context.shape[1] - R):]
-        cache.context_positions = context_positions[:, max(0, context.shape[1] - R):]
+        context, context_valid, context_positions = cache.extend_context(x, real, positions, R)
         if keep == 0:
             cache.upper_stale = True
             return x[:, L:], []
