@@ -1,18 +1,38 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (no internet): install carried wheels, run the GPU tests, then the benchmarks.
-# Carry .wheels (pytest, hypothesis wheels for the machine's Python) and .thirdparty (the baselines, see
-# benchmarks/kernels.py); neither is committed.
-# Each step has its own time limit; outputs go to $OUT (or ./out). Usage: bash benchmarks/device_run.sh
+# One call on a lent GPU machine (no internet): install carried wheels, then run the chosen steps.
+# Carry .wheels (wheels for the machine's Python: pytest, hypothesis, accelerate, pyyaml, safetensors, tqdm,
+# matplotlib and their dependencies) and .thirdparty (the baselines, see benchmarks/kernels.py); neither is
+# committed. Outputs go to $OUT (or ./out).
+# Usage: STEPS="tests kernels training long" bash benchmarks/device_run.sh
+#   each step has its own time limit in seconds (TESTS_S, KERNELS_S, TRAINING_S, LONG_S) and its own
+#   arguments (KERNELS_ARGS, TRAINING_ARGS, LONG_ARGS).
 set -u
 out="${OUT:-out}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi -L
-python3 -m pip install -q --no-index --find-links .wheels pytest hypothesis 2>&1 | tail -1
+python3 -m pip install -q --no-index --find-links .wheels pytest hypothesis accelerate pyyaml safetensors tqdm \
+    matplotlib 2>&1 | tail -1
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-timeout "${TESTS_S:-180}" python3 -m pytest -q -rs -p no:cacheprovider -x tests/test_gpu.py tests/test_aggregate_triton.py \
-    tests/test_retrieve_triton.py 2>&1 | tee "$out/gpu_tests.log" | tail -8
-timeout "${KERNELS_S:-200}" python3 -m benchmarks.kernels --quick --out "$out/kernels.md" 2>&1 | tail -40
-timeout "${TRAINING_S:-120}" python3 -m benchmarks.training --steps 5 --out "$out/training.md" 2>&1 | tail -8
-timeout "${LONG_S:-120}" python3 -m benchmarks.long_context --presets tiny --mixers swa,mamba2 --lengths 64k,1m \
-    --out "$out/long_context.md" 2>&1 | tail -10
+
+tests() {
+    timeout "${TESTS_S:-180}" python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py \
+        tests/test_aggregate_triton.py tests/test_retrieve_triton.py 2>&1 | tee "$out/gpu_tests.log" | tail -8
+}
+kernels() {
+    timeout "${KERNELS_S:-200}" python3 -m benchmarks.kernels ${KERNELS_ARGS:---quick} --out "$out/kernels.md" 2>&1 \
+        | tee "$out/kernels.log" | tail -60
+}
+training() {
+    timeout "${TRAINING_S:-120}" python3 -m benchmarks.training ${TRAINING_ARGS:---steps 5} --out "$out/training.md" \
+        2>&1 | tee "$out/training.log" | tail -12
+}
+long() {
+    timeout "${LONG_S:-120}" python3 -m benchmarks.long_context ${LONG_ARGS:---presets tiny --lengths 64k,1m} \
+        --out "$out/long_context.md" 2>&1 | tee "$out/long_context.log" | grep -v "it/s\]" | tail -30
+}
+for step in ${STEPS:-tests kernels training long}; do
+    echo "=== $step ($(date +%T))"
+    "$step"
+done
+echo "=== done ($(date +%T))"

@@ -1,7 +1,7 @@
 """Long-context inference: prefill throughput, decode latency and peak memory, beside a dense model.
 
 python -m benchmarks.long_context --presets tiny,small --mixers swa,mamba2 --lengths 64k,1m,16m,64m \
-    [--segment 4096] [--decode-steps 16] [--out benchmarks/results/long_context.md]
+    [--segment 4096] [--decode-steps 16] [--out benchmarks/results/long_context.md] [--profile]
 
 Random weights in bf16 on one CUDA GPU; the memory K/V are offloaded to pinned CPU memory when they would
 take more than --offload-above GiB of GPU memory. The dense baseline is a transformer of the same width and
@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from benchmarks.common import parse_length
+from benchmarks.profiling import top_ops
 from ramba import HSAHybrid, HSAHybridConfig
 
 
@@ -101,7 +102,7 @@ class DenseModel(nn.Module):
 
 @torch.no_grad()
 def run_hybrid(config: HSAHybridConfig, length: int, segment: int, decode_steps: int, offload_above: float,
-               name: str) -> Result:
+               name: str, profile: bool = False) -> Result:
     model = HSAHybrid(config).cuda().to(torch.bfloat16).eval()
     kv_gib = 2 * length * config.num_kv_heads * config.head_dim * 2 / 2**30
     offload = kv_gib > offload_above
@@ -120,6 +121,12 @@ def run_hybrid(config: HSAHybridConfig, length: int, segment: int, decode_steps:
         token = model(token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
         times.append(synchronize_time() - t0)
     decode = statistics.median(times[len(times) // 4:]) * 1e3 if times else None
+    if profile:
+        ids = torch.randint(0, config.vocab_size, (1, segment), device="cuda", generator=gen)
+        print(f"profile of {name} at {length:,} tokens, one segment of {segment}:\n"
+              + top_ops(lambda: model(ids, cache=cache, logits_to_keep=1), calls=1), flush=True)
+        print(f"profile of {name} at {length:,} tokens, one decoded token:\n"
+              + top_ops(lambda: model(token, cache=cache), calls=1), flush=True)
     note = "offload" if offload else ""
     return Result(name, length, prefill, decode, torch.cuda.max_memory_allocated() / 2**30, cpu_peak_gib(), note)
 
@@ -166,27 +173,34 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--dense-budget", type=float, default=120.0, help="seconds before a dense prefill is cut short")
     p.add_argument("--out", help="also write the markdown table to this file")
+    p.add_argument("--profile", action="store_true",
+                   help="print the top GPU ops of one more segment and one more token after each hybrid run")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.long_context measures GPU inference and needs a CUDA GPU")
     lengths = [parse_length(x) for x in args.lengths.split(",")]
-    results = []
+    results: list[Result] = []
+
+    def record(result: Result) -> None:
+        results.append(result)
+        print(result.row(), flush=True)
+
     for preset in args.presets.split(","):
         for mixer in args.mixers.split(","):
             config = HSAHybridConfig.preset(preset, local_mixer=mixer)
             for length in lengths:
                 try:
-                    results.append(run_hybrid(config, length, args.segment, args.decode_steps, args.offload_above,
-                                              f"{preset} {mixer}"))
+                    record(run_hybrid(config, length, args.segment, args.decode_steps, args.offload_above,
+                                      f"{preset} {mixer}", args.profile))
                 except (torch.cuda.OutOfMemoryError, MemoryError) as err:
-                    results.append(Result(f"{preset} {mixer}", length, None, None, None, cpu_peak_gib(),
-                                          f"failed: {str(err)[:80]}"))
+                    record(Result(f"{preset} {mixer}", length, None, None, None, cpu_peak_gib(),
+                                  f"failed: {str(err)[:80]}"))
                 torch.cuda.empty_cache()
         if args.dense:
             config = HSAHybridConfig.preset(preset)
             for length in lengths:
-                results.append(run_dense(config, length, args.segment, args.decode_steps, f"{preset} dense",
-                                         args.dense_budget))
+                record(run_dense(config, length, args.segment, args.decode_steps, f"{preset} dense",
+                                 args.dense_budget))
                 torch.cuda.empty_cache()
     header = ["| model | tokens | prefill s | prefill tok/s | decode ms/token | peak GPU GiB | peak CPU GiB | note |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]

@@ -2,7 +2,7 @@
 dense SDPA transformer of the same size, measured in one run.
 
 python -m benchmarks.training [--preset small] [--mixers swa,mamba2] [--seq-len 4096] [--batch-size 4]
-    [--steps 10] [--out benchmarks/results/training.md]
+    [--steps 10] [--out benchmarks/results/training.md] [--profile]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import time
 import torch
 
 from benchmarks.long_context import DenseModel
+from benchmarks.profiling import top_ops
 from ramba import HSAHybrid, HSAHybridConfig
 
 
@@ -36,8 +37,10 @@ def step_fn(model: torch.nn.Module, dense: bool):
     return step
 
 
-def measure(name: str, model: torch.nn.Module, dense: bool, batch: int, seq_len: int, steps: int) -> dict:
-    """Median step time over `steps` after two warm-up steps; tokens per second and peak memory."""
+def measure(name: str, model: torch.nn.Module, dense: bool, batch: int, seq_len: int, steps: int,
+            profile: bool = False) -> dict:
+    """Median step time over `steps` after two warm-up steps; tokens per second and peak memory.
+    With `profile`, also prints the ops that took the most GPU time over two more steps."""
     model = model.cuda().train()
     step = step_fn(model, dense)
     vocab = model.embed.num_embeddings
@@ -51,6 +54,8 @@ def measure(name: str, model: torch.nn.Module, dense: bool, batch: int, seq_len:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     median = statistics.median(times[2:])
+    if profile:
+        print(f"profile of {name}:\n" + top_ops(lambda: step(inputs[0]), calls=2), flush=True)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     return {"model": name, "params_m": params, "step_ms": median * 1e3, "tokens_per_s": batch * seq_len / median,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
@@ -64,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out")
+    p.add_argument("--profile", action="store_true", help="print the top GPU ops of each model's step")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.training measures GPU training and needs a CUDA GPU")
@@ -72,10 +78,13 @@ def main(argv: list[str] | None = None) -> None:
         for use_hsa in (True, False):
             config = HSAHybridConfig.preset(args.preset, local_mixer=mixer, use_hsa=use_hsa)
             name = f"{args.preset} {mixer}" + ("" if use_hsa else " mixer-only")
-            rows.append(measure(name, HSAHybrid(config), False, args.batch_size, args.seq_len, args.steps))
+            rows.append(measure(name, HSAHybrid(config), False, args.batch_size, args.seq_len, args.steps,
+                                args.profile))
+            print(rows[-1], flush=True)
             torch.cuda.empty_cache()
     dense = DenseModel(HSAHybridConfig.preset(args.preset))
-    rows.append(measure(f"{args.preset} dense SDPA", dense, True, args.batch_size, args.seq_len, args.steps))
+    rows.append(measure(f"{args.preset} dense SDPA", dense, True, args.batch_size, args.seq_len, args.steps,
+                        args.profile))
     by_name = {r["model"]: r for r in rows}
     lines = ["| model | params (M) | step ms | tokens/s | vs mixer-only | peak GiB |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
