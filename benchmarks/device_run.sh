@@ -4,8 +4,10 @@
 # matplotlib and their dependencies) and .thirdparty (the baselines, see benchmarks/kernels.py); neither is
 # committed. Outputs go to $OUT (or ./out).
 # Usage: STEPS="tests kernels training long" bash benchmarks/device_run.sh
-#   each step has its own time limit in seconds (TESTS_S, KERNELS_S, TRAINING_S, LONG_S) and its own
-#   arguments (KERNELS_ARGS, TRAINING_ARGS, LONG_ARGS).
+#   each step has its own time limit in seconds (TESTS_S, KERNELS_S, TRAINING_S, LONG_S, TRAIN_S, EVALS_S) and
+#   its own arguments (KERNELS_ARGS, TRAINING_ARGS, LONG_ARGS, TRAIN_ARGS, EVALS_ARGS).
+#   The step "train" runs recipes/${RECIPE:-sft}.py with TRAIN_ARGS; "evals" runs passkey, ruler and babilong
+#   on CHECKPOINT with EVALS_ARGS (and PASSKEY_ARGS, RULER_ARGS, BABILONG_ARGS) and packs their outputs into $OUT/evals.tar.gz.
 set -u
 out="${OUT:-out}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -29,7 +31,19 @@ training() {
 }
 long() {
     timeout "${LONG_S:-120}" python3 -m benchmarks.long_context ${LONG_ARGS:---presets tiny --lengths 64k,1m} \
-        --out "$out/long_context.md" 2>&1 | tee "$out/long_context.log" | grep -v "it/s\]" | tail -30
+        --out "$out/long_context.md" 2>&1 | tee "$out/long_context.log" | tr '\r' '\n' | grep -v "seg/s\]" | tail -30
+}
+train() {
+    timeout "${TRAIN_S:-300}" python3 "recipes/${RECIPE:-sft}.py" ${TRAIN_ARGS:-} 2>&1 | tee "$out/train.log" \
+        | tr '\r' '\n' | grep -v "it/s\]" | tail -15
+}
+evals() {
+    for bench in ${EVALS:-passkey ruler babilong}; do
+        extra="${bench^^}_ARGS"  # PASSKEY_ARGS, RULER_ARGS, BABILONG_ARGS: arguments of one benchmark only
+        timeout "${EVALS_S:-120}" python3 -m "benchmarks.$bench" --checkpoint "${CHECKPOINT:-runs/sft/final}" \
+            ${EVALS_ARGS:-} ${!extra:-} --out "evals/$bench" 2>&1 | tr '\r' '\n' | grep -v "it/s\]" | tail -12
+    done
+    tar czf "$out/evals.tar.gz" evals
 }
 for step in ${STEPS:-tests kernels training long}; do
     echo "=== $step ($(date +%T))"
