@@ -1,0 +1,173 @@
+"""How quickly a model configuration learns to retrieve: short pass-key training runs from scratch.
+
+python -m benchmarks.learnability [--preset tiny] [--set hsa_residual=standard ...] [--length 1024]
+    [--min-length 256] [--max-depth 1.0] [--steps 700] [--batch-size 32] [--lr 1e-3] [--eval-every 100]
+    [--device cuda] [--out FILE]
+
+Trains a fresh model on pass-key prompts only (loss on the answer tokens: a space and the key), prompt
+lengths drawn from [min-length, length], the needle at a depth drawn from [0, max-depth]. Every eval-every
+steps it prints the held-out answer loss, the fraction of answer tokens predicted right (teacher forcing)
+and the fraction of keys entirely right. Meant for comparing configurations (residual rule, landmarks,
+top-k, window) in minutes; the recipes (`recipes/sft.py`) train the models that are evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import yaml
+
+from benchmarks.common import BenchmarkError
+from ramba import HSAHybrid, HSAHybridConfig
+from ramba.data.tasks import TASKS, TaskError
+from ramba.tokenizer import ByteTokenizer, Tokenizer
+
+ANSWER_ROOM = 8  # a space and at most 7 digits
+
+
+@dataclass
+class Scores:
+    loss: float
+    token_accuracy: float
+    key_accuracy: float
+
+
+def passkey_batch(rng: random.Random, tokenizer: Tokenizer, size: int, min_length: int, length: int,
+                  max_depth: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids, labels [size, length + ANSWER_ROOM]: prompt, answer, right padding; labels -100 off the answer."""
+    ids = torch.full((size, length + ANSWER_ROOM), tokenizer.pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    for row in range(size):
+        n = rng.randint(min_length, length)
+        sample = TASKS["passkey"](rng, tokenizer, n, depth=rng.uniform(0.0, max_depth))
+        answer = torch.tensor(tokenizer.encode(sample.target))
+        ids[row, :n] = sample.prompt_ids
+        ids[row, n:n + len(answer)] = answer
+        labels[row, n:n + len(answer)] = answer
+    return ids, labels
+
+
+def answer_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(fraction of labelled tokens predicted right, fraction of rows with every labelled token right);
+    logits [B, T, V] predict labels [B, T] shifted by one, as in the model's loss."""
+    predicted = logits[:, :-1].argmax(-1)
+    target = labels[:, 1:]
+    labelled = target != -100
+    right = (predicted == target) & labelled
+    return (right.sum() / labelled.sum()).item(), (right | ~labelled).all(1).float().mean().item()
+
+
+@torch.no_grad()
+def evaluate(model: HSAHybrid, held_out: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+             autocast: bool) -> Scores:
+    model.eval()
+    losses, tokens, keys = [], [], []
+    for ids, labels in held_out:
+        ids, labels = ids.to(device), labels.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = model(ids, labels=labels)
+        token_accuracy, key_accuracy = answer_scores(out.logits.float(), labels)
+        losses.append(out.loss.item())
+        tokens.append(token_accuracy)
+        keys.append(key_accuracy)
+    model.train()
+    return Scores(sum(losses) / len(losses), sum(tokens) / len(tokens), sum(keys) / len(keys))
+
+
+def parse_sets(items: list[str]) -> dict[str, object]:
+    """['hsa_residual=standard', 'topk=4'] -> {'hsa_residual': 'standard', 'topk': 4} (values read as YAML)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BenchmarkError(f"--set {item!r}: write field=value, e.g. --set hsa_residual=standard")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def run(args: argparse.Namespace) -> list[str]:
+    """Train and evaluate as the arguments say; returns the markdown table rows (also printed as they come)."""
+    if not 16 <= args.min_length <= args.length:
+        raise BenchmarkError(f"--min-length must lie in [16, --length={args.length}], got {args.min_length}")
+    if not 0.0 <= args.max_depth <= 1.0:
+        raise BenchmarkError(f"--max-depth must lie in [0, 1], got {args.max_depth}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    autocast = device.type == "cuda" and not args.fp32
+    torch.manual_seed(args.seed)
+    overrides = parse_sets(args.set)
+    try:
+        config = HSAHybridConfig.preset(args.preset, **overrides)
+    except (TypeError, ValueError) as err:
+        raise BenchmarkError(f"model config: {err}") from None
+    tokenizer = ByteTokenizer()
+    if config.vocab_size < tokenizer.vocab_size:
+        raise BenchmarkError(f"the byte tokenizer needs vocab_size >= {tokenizer.vocab_size}, the config has "
+                             f"{config.vocab_size}")
+    model = HSAHybrid(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / args.warmup))
+    batch = dict(tokenizer=tokenizer, size=args.batch_size, min_length=args.min_length, length=args.length,
+                 max_depth=args.max_depth)
+    try:
+        passkey_batch(random.Random(args.seed), **{**batch, "size": 1, "length": args.min_length})
+    except TaskError as err:
+        raise BenchmarkError(f"{err}: raise --min-length") from None
+    held_out = [passkey_batch(random.Random(args.seed + 1000 + i), **batch) for i in range(args.eval_batches)]
+    rng = random.Random(args.seed)
+    rows = ["| step | train loss | held-out loss | answer tokens right | keys right | seconds |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    print("\n".join(rows), flush=True)
+    start = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        ids, labels = passkey_batch(rng, **batch)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(ids.to(device), labels=labels.to(device)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % args.eval_every == 0 or step == args.steps:
+            s = evaluate(model, held_out, device, autocast)
+            rows.append(f"| {step} | {loss.item():.3f} | {s.loss:.3f} | {s.token_accuracy:.3f} | "
+                        f"{s.key_accuracy:.3f} | {time.perf_counter() - start:.0f} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a config field to change, repeatable, e.g. --set hsa_residual=standard --set window=32")
+    p.add_argument("--length", type=int, default=1024, help="longest prompt in tokens")
+    p.add_argument("--min-length", type=int, default=256, help="shortest prompt in tokens")
+    p.add_argument("--max-depth", type=float, default=1.0, help="deepest needle, a fraction of the haystack")
+    p.add_argument("--steps", type=int, default=700)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--out", help="also write the table, with the command, to this markdown file")
+    args = p.parse_args(argv)
+    try:
+        rows = run(args)
+    except BenchmarkError as err:
+        raise SystemExit(f"error: {err}") from None
+    if args.out:
+        command = " ".join(sys.argv[1:] if argv is None else argv)
+        with open(args.out, "w") as f:
+            f.write(f"`python -m benchmarks.learnability {command}`\n\n" + "\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()

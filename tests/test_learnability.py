@@ -1,0 +1,60 @@
+"""benchmarks.learnability: its batches, its scoring, and a short run end to end."""
+
+import random
+import re
+
+import pytest
+import torch
+
+from benchmarks.learnability import ANSWER_ROOM, answer_scores, main, passkey_batch
+from ramba.data.tasks.passkey import NEEDLE
+from ramba.tokenizer import ByteTokenizer
+
+
+@pytest.mark.parametrize("max_depth", [0.0, 0.3, 1.0])
+def test_batches_label_only_the_key_and_keep_the_needle_shallow(max_depth):
+    tok = ByteTokenizer()
+    ids, labels = passkey_batch(random.Random(3), tok, 6, 200, 300, max_depth)
+    assert ids.shape == labels.shape == (6, 300 + ANSWER_ROOM)
+    for row_ids, row_labels in zip(ids, labels):
+        answer = tok.decode(row_labels[row_labels != -100].tolist())
+        assert re.fullmatch(r" \d{5,7}", answer)
+        start = int((row_labels != -100).nonzero()[0])
+        assert 200 <= start <= 300
+        prompt = tok.decode(row_ids[:start].tolist())
+        needle = NEEDLE.format(key=answer.strip())
+        assert needle in prompt
+        assert prompt.index(needle) <= max_depth * start + len(needle) + 64  # depth is a fraction of the haystack
+
+
+def test_answer_scores_on_a_hand_made_case():
+    labels = torch.tensor([[-100, 5, 6, -100], [-100, 7, 8, -100]])
+    logits = torch.full((2, 4, 10), -1.0)
+    # position t predicts labels[t + 1]: row 0 gets 5 and 6 right, row 1 gets 7 right and 8 wrong
+    logits[0, 0, 5] = logits[0, 1, 6] = 1.0
+    logits[1, 0, 7] = logits[1, 1, 2] = 1.0
+    tokens, keys = answer_scores(logits, labels)
+    assert tokens == pytest.approx(3 / 4)
+    assert keys == pytest.approx(1 / 2)
+
+
+def test_short_run_writes_its_table(tmp_path):
+    out = tmp_path / "table.md"
+    main(["--length", "160", "--min-length", "128", "--steps", "3", "--batch-size", "2", "--eval-every", "2",
+          "--eval-batches", "1", "--set", "window=32", "--out", str(out), "--device", "cpu"])
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("`python -m benchmarks.learnability --length 160")
+    steps = [int(line.split("|")[1]) for line in lines[4:]]
+    assert steps == [2, 3]
+    for line in lines[4:]:
+        loss, held_out, tokens, keys = (float(x) for x in line.split("|")[2:6])
+        assert loss > 0 and held_out > 0 and 0 <= keys <= tokens <= 1
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(SystemExit, match="windw"):
+        main(["--set", "windw=32", "--steps", "1"])
+    with pytest.raises(SystemExit, match="min-length"):
+        main(["--length", "64", "--min-length", "128", "--steps", "1"])
+    with pytest.raises(SystemExit, match="too short.*raise --min-length"):
+        main(["--length", "64", "--min-length", "32", "--steps", "1"])
