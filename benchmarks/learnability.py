@@ -2,7 +2,7 @@
 
 python -m benchmarks.learnability [--preset tiny] [--set hsa_residual=standard ...] [--length 1024]
     [--min-length 256] [--max-depth 1.0] [--steps 700] [--batch-size 32] [--lr 1e-3] [--eval-every 100]
-    [--device cuda] [--out FILE]
+    [--device cuda] [--out FILE] [--save DIR]
 
 Trains a fresh model on pass-key prompts only (loss on the answer tokens: a space and the key), prompt
 lengths drawn from [min-length, length], the needle at a depth drawn from [0, max-depth]. Every eval-every
@@ -137,6 +137,8 @@ def run(args: argparse.Namespace) -> list[str]:
             rows.append(f"| {step} | {loss.item():.3f} | {s.loss:.3f} | {s.token_accuracy:.3f} | "
                         f"{s.key_accuracy:.3f} | {time.perf_counter() - start:.0f} |")
             print(rows[-1], flush=True)
+    if args.save:
+        model.save_pretrained(args.save)
     return rows
 
 
@@ -158,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--out", help="also write the table, with the command, to this markdown file")
+    p.add_argument("--save", help="save the trained model to this directory (for benchmarks.passkey and the others)")
     args = p.parse_args(argv)
     try:
         rows = run(args)

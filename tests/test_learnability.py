@@ -8,6 +8,7 @@ import torch
 
 from benchmarks.learnability import ANSWER_ROOM, answer_scores, main, passkey_batch
 from ramba.data.tasks.passkey import NEEDLE
+from ramba import HSAHybrid
 from ramba.tokenizer import ByteTokenizer
 
 
@@ -41,7 +42,7 @@ def test_answer_scores_on_a_hand_made_case():
 def test_short_run_writes_its_table(tmp_path):
     out = tmp_path / "table.md"
     main(["--length", "160", "--min-length", "128", "--steps", "3", "--batch-size", "2", "--eval-every", "2",
-          "--eval-batches", "1", "--set", "window=32", "--out", str(out), "--device", "cpu"])
+          "--eval-batches", "1", "--set", "window=32", "--out", str(out), "--device", "cpu", "--save", str(tmp_path / "model")])
     lines = out.read_text().splitlines()
     assert lines[0].startswith("`python -m benchmarks.learnability --length 160")
     steps = [int(line.split("|")[1]) for line in lines[4:]]
@@ -49,6 +50,8 @@ def test_short_run_writes_its_table(tmp_path):
     for line in lines[4:]:
         loss, held_out, tokens, keys = (float(x) for x in line.split("|")[2:6])
         assert loss > 0 and held_out > 0 and 0 <= keys <= tokens <= 1
+    saved = HSAHybrid.from_pretrained(tmp_path / "model")
+    assert saved.config.window == 32
 
 
 def test_bad_arguments_are_named():
