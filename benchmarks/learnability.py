@@ -4,11 +4,12 @@ python -m benchmarks.learnability [--preset tiny] [--set hsa_residual=standard .
     [--min-length 256] [--max-depth 1.0] [--steps 700] [--batch-size 32] [--lr 1e-3] [--eval-every 100]
     [--device cuda] [--out FILE] [--save DIR]
 
-Trains a fresh model on pass-key prompts only (loss on the answer tokens: a space and the key), prompt
+Trains a fresh model on pass-key prompts only (loss on the answer tokens: a space, the key and the
+end-of-sequence token, so that a saved model stops after the key as the benchmarks expect), prompt
 lengths drawn from [min-length, length], the needle at a depth drawn from [0, max-depth]. Every eval-every
 steps it prints the held-out answer loss, the fraction of answer tokens predicted right (teacher forcing)
 and the fraction of keys entirely right. Meant for comparing configurations (residual rule, landmarks,
-top-k, window) in minutes; the recipes (`recipes/sft.py`) train the models that are evaluated.
+top-k, window) in minutes; `--save DIR` keeps the model for benchmarks.passkey and the others.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ramba import HSAHybrid, HSAHybridConfig
 from ramba.data.tasks import TASKS, TaskError
 from ramba.tokenizer import ByteTokenizer, Tokenizer
 
-ANSWER_ROOM = 8  # a space and at most 7 digits
+ANSWER_ROOM = 9  # a space, at most 7 digits and the end-of-sequence token
 
 
 @dataclass
@@ -45,7 +46,7 @@ def passkey_batch(rng: random.Random, tokenizer: Tokenizer, size: int, min_lengt
     for row in range(size):
         n = rng.randint(min_length, length)
         sample = TASKS["passkey"](rng, tokenizer, n, depth=rng.uniform(0.0, max_depth))
-        answer = torch.tensor(tokenizer.encode(sample.target))
+        answer = torch.tensor(tokenizer.encode(sample.target) + [tokenizer.eos_id])
         ids[row, :n] = sample.prompt_ids
         ids[row, n:n + len(answer)] = answer
         labels[row, n:n + len(answer)] = answer

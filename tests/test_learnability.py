@@ -18,7 +18,9 @@ def test_batches_label_only_the_key_and_keep_the_needle_shallow(max_depth):
     ids, labels = passkey_batch(random.Random(3), tok, 6, 200, 300, max_depth)
     assert ids.shape == labels.shape == (6, 300 + ANSWER_ROOM)
     for row_ids, row_labels in zip(ids, labels):
-        answer = tok.decode(row_labels[row_labels != -100].tolist())
+        answer = row_labels[row_labels != -100].tolist()
+        assert answer[-1] == tok.eos_id
+        answer = tok.decode(answer[:-1])
         assert re.fullmatch(r" \d{5,7}", answer)
         start = int((row_labels != -100).nonzero()[0])
         assert 200 <= start <= 300
