@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> None:
             name = f"{args.preset} {mixer}" + ("" if use_hsa else " mixer-only")
             rows.append(measure(name, HSAHybrid(config), False, args.batch_size, args.seq_len, args.steps,
                                 args.profile))
-            print(rows[-1], flush=True)
+            r = rows[-1]
+            print(f"{name}: {r['step_ms']:.1f} ms per step, {r['tokens_per_s']:,.0f} tokens/s, "
+                  f"peak {r['peak_gib']:.1f} GiB", flush=True)
             torch.cuda.empty_cache()
     dense = DenseModel(HSAHybridConfig.preset(args.preset))
     rows.append(measure(f"{args.preset} dense SDPA", dense, True, args.batch_size, args.seq_len, args.steps,
