@@ -85,6 +85,7 @@ def test_passkey_depth(depth: float) -> None:
         needle = re.match(NEEDLE, s.prompt[s.needle_start:])
         assert needle and needle[1] == needle[2] == s.answer.strip() and s.answer == " " + needle[1]
         assert s.needle_start == 0 or s.prompt[s.needle_start - 2:s.needle_start] in (". ", "? ")
+        assert s.prompt[s.needle_start:s.needle_end] == needle[0]
         n_filler = len(s.prompt) - len(needle[0]) - len(PASSKEY_QUESTION) - 2
         assert abs(s.needle_start - depth * n_filler) <= MAX_SENTENCE / 2 + 1
         assert s.prompt.endswith(" " + PASSKEY_QUESTION)
@@ -105,7 +106,7 @@ def test_kv_recall() -> None:
         assert len(facts) == 8 and len({k for k, _ in facts}) == 8
         asked = re.search(r"What is the value of key (\S+)\? The value is$", s.prompt)[1]
         assert s.answer == " " + dict(facts)[asked]
-        assert s.prompt[s.needle_start:].startswith(f"Key {asked} has value {s.answer.strip()}.")
+        assert s.prompt[s.needle_start:s.needle_end] == f"Key {asked} has value {s.answer.strip()}."
     with pytest.raises(ValueError, match="n_pairs"):
         kv_recall_document(random.Random(0), 2000, 0)
 
@@ -151,3 +152,13 @@ def test_make_batch() -> None:
         assert re.fullmatch(r" \d{5,7}", answer) and text.endswith(" is")
         assert ids[last + 1] == TOK.eos_id
         assert answer.strip() in text
+
+
+def test_make_batch_needle_span() -> None:
+    """needle_pos and needle_end are the token span of the fact that holds the answer."""
+    batch = make_batch(7, 8, 1024, TOK)
+    for ids, start, end, mask in zip(batch["input_ids"], batch["needle_pos"], batch["needle_end"],
+                                     batch["answer_mask"]):
+        fact = TOK.decode(ids[start:end])
+        answer = TOK.decode(ids[mask]).strip()
+        assert fact.startswith(("The pass key is", "Key ")) and fact.endswith(".") and answer in fact

@@ -11,7 +11,7 @@ from ramba import HSAHybrid, HSAHybridConfig
 from ramba.training.checkpoint import CheckpointError, checkpoints
 from ramba.training.config import RunConfigError, load_run_config
 from ramba.training.data import pack
-from ramba.training.trainer import eval_batches, evaluate, param_groups
+from ramba.training.trainer import eval_batches, evaluate, param_groups, retrieval_hits
 from ramba.tokenizer import ByteTokenizer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -116,3 +116,13 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(ids, labels=ids).loss.backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_retrieval_hits_count_every_chunk_of_the_needle():
+    """A hit is the selection of any chunk the fact overlaps: [needle_pos, needle_end) of chunks of 4 -> 1 and 2."""
+    answer_mask = torch.zeros(1, 6, dtype=torch.bool)
+    answer_mask[0, 2:6] = True                                   # positions 1..4 predict the answer
+    batch = {"answer_mask": answer_mask, "needle_pos": torch.tensor([6]), "needle_end": torch.tensor([10])}
+    chosen = [[-1, -1], [0, -1], [1, 0], [2, -1], [3, 0], [3, 2]]  # per position, K = 2 slots
+    indices = torch.tensor(chosen).view(1, 6, 1, 2)
+    assert retrieval_hits([indices], batch, 4).item() == 0.5     # positions 2 and 3 hit, 1 and 4 miss

@@ -77,12 +77,14 @@ MIN_FILL = 0.75
 class Sample:
     """A document: `prompt` ends with a question whose continuation is `answer`.
 
-    needle_start: character offset in `prompt` where the sentence holding the answer begins.
+    needle_start, needle_end: character offsets in `prompt` where the sentence holding the answer begins and
+    ends (exclusive).
     """
 
     prompt: str
     answer: str
     needle_start: int
+    needle_end: int
 
 
 def _with_article(word: str) -> str:
@@ -181,7 +183,7 @@ def passkey_document(rng: random.Random, length_chars: int, depth: float | None 
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     answer = f" {key}"
     prompt, (start,) = _assemble(rng, length_chars, [(depth, needle)], PASSKEY_QUESTION, answer)
-    return Sample(prompt, answer, start)
+    return Sample(prompt, answer, start, start + len(needle))
 
 
 def _kv_key(rng: random.Random) -> str:
@@ -203,7 +205,7 @@ def kv_recall_document(rng: random.Random, length_chars: int, n_pairs: int) -> S
     question = f"What is the value of key {keys[asked]}? The value is"
     answer = f" {values[asked]}"
     prompt, starts = _assemble(rng, length_chars, facts, question, answer)
-    return Sample(prompt, answer, starts[asked])
+    return Sample(prompt, answer, starts[asked], starts[asked] + len(facts[asked][1]))
 
 
 def _examples(rng: random.Random, seq_len: int, tokenizer: Tokenizer) -> Iterator[dict[str, torch.Tensor]]:
@@ -228,13 +230,16 @@ def _examples(rng: random.Random, seq_len: int, tokenizer: Tokenizer) -> Iterato
         mask = torch.zeros(seq_len, dtype=torch.bool)
         mask[len(prompt):len(prompt) + len(answer)] = True
         needle = 1 + len(tokenizer.encode(sample.prompt[:sample.needle_start]))
-        yield {"input_ids": input_ids, "labels": labels, "answer_mask": mask, "needle_pos": torch.tensor(needle)}
+        needle_end = 1 + len(tokenizer.encode(sample.prompt[:sample.needle_end]))
+        yield {"input_ids": input_ids, "labels": labels, "answer_mask": mask, "needle_pos": torch.tensor(needle),
+               "needle_end": torch.tensor(needle_end)}
 
 
 def synthetic_examples(seed: int, seq_len: int, tokenizer: Tokenizer) -> Iterator[dict[str, torch.Tensor]]:
     """Infinite deterministic stream of examples, one pass-key or key-value document each, as dicts:
     input_ids, labels [seq_len] (labels unshifted, -100 on padding), answer_mask bool [seq_len] (the answer
-    tokens) and needle_pos (token index where the fact that holds the answer starts)."""
+    tokens), needle_pos and needle_end (token indices where the fact that holds the answer starts and ends,
+    exclusive)."""
     if seq_len < MIN_SEQ_LEN:
         raise ValueError(f"seq_len must be >= {MIN_SEQ_LEN}, got {seq_len}")
     return _examples(random.Random(seed), seq_len, tokenizer)
@@ -253,7 +258,7 @@ def make_batch(seed: int, batch_size: int, seq_len: int, tokenizer: Tokenizer) -
     """The first `batch_size` examples of `synthetic_examples(seed, ...)` stacked.
 
     Keys: input_ids, labels (LongTensor [B, seq_len]); answer_mask (bool [B, seq_len], True on answer tokens);
-    needle_pos [B].
+    needle_pos, needle_end [B].
     """
     rows = list(islice(synthetic_examples(seed, seq_len, tokenizer), batch_size))
     return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}

@@ -57,11 +57,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def retrieval_hits(retrieval: list[torch.Tensor], batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
-    """Fraction of answer-predicting positions whose first HSA block selected the chunk holding the needle."""
+    """Fraction of answer-predicting positions whose first HSA block selected a chunk holding part of the needle
+    (the fact [needle_pos, needle_end) often spans two chunks, and the answer may lie in the second)."""
     indices = retrieval[0]                                             # [B, L, Hr, K]
     predicting = batch["answer_mask"][:, 1:]                           # position t predicts token t + 1
-    needle_chunk = (batch["needle_pos"] // chunk_size)[:, None, None, None]
-    hit = (indices[:, :-1] == needle_chunk).flatten(2).any(-1)        # [B, L - 1]
+    first = (batch["needle_pos"] // chunk_size)[:, None, None, None]
+    last = ((batch["needle_end"] - 1) // chunk_size)[:, None, None, None]
+    selected = indices[:, :-1]
+    hit = ((selected >= first) & (selected <= last)).flatten(2).any(-1)  # [B, L - 1]
     return hit[predicting].float().mean()
 
 
