@@ -10,12 +10,7 @@
 #   on CHECKPOINT with EVALS_ARGS (and PASSKEY_ARGS, RULER_ARGS, BABILONG_ARGS) and packs their outputs into $OUT/evals.tar.gz.
 set -u
 out="${OUT:-out}"; mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-nvidia-smi -L
-python3 -m pip install -q --no-index --find-links .wheels pytest hypothesis accelerate pyyaml safetensors tqdm \
-    matplotlib 2>&1 | tail -1
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -1
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+source benchmarks/device_setup.sh
 
 tests() {
     timeout "${TESTS_S:-180}" python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py \

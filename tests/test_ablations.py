@@ -1,0 +1,59 @@
+"""benchmarks.ablations (the variant table and a short study end to end) and the shipped demo model."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import ablations
+from benchmarks.answering import load_answerer
+from benchmarks.passkey import make_sample
+from ramba import HSAHybridConfig
+from ramba.data.tasks import Key, score
+
+DEMO = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "generalization" / "model-swa"
+
+
+@pytest.mark.parametrize("name", list(ablations.VARIANTS))
+def test_every_variant_is_a_valid_config_that_differs_from_base_in_its_name_only(name):
+    config = HSAHybridConfig.preset("tiny", **ablations.VARIANTS[name])
+    base = HSAHybridConfig.preset("tiny", **ablations.BASE)
+    changed = {k for k, v in config.to_dict().items() if base.to_dict()[k] != v}
+    expected = {"base": set(), "mean": {"landmark"}, "mean-encoder-0": {"landmark", "encoder_layers"},
+                "encoder-2": {"encoder_layers"}, "bypass": {"hsa_residual"}, "topk-64": {"topk"},
+                "mixer-only": {"use_hsa"}, "dense": {"use_hsa", "window"}, "mamba2": {"local_mixer"}}
+    assert changed == expected[name]
+
+
+def test_reach_stops_only_models_without_memory_at_their_window():
+    assert ablations.reach(ablations.VARIANTS["dense"]) == ablations.DENSE_WINDOW
+    assert ablations.reach(ablations.VARIANTS["mixer-only"]) is None  # short window: evaluated (and fails) anywhere
+    assert ablations.reach(ablations.VARIANTS["base"]) is None
+
+
+def test_a_short_study_trains_saves_and_benchmarks_each_variant(tmp_path):
+    ablations.main(["--variants", "base,dense", "--steps", "2", "--eval-every", "2", "--batch-size", "2",
+                    "--length", "200", "--lengths", "256,512", "--depths", "0.5", "--samples", "1",
+                    "--segment", "128", "--out", str(tmp_path), "--device", "cpu"])
+    for name in ("base", "dense"):
+        assert (tmp_path / name / "model.safetensors").is_file()
+        assert "| 2 |" in (tmp_path / f"{name}.md").read_text()
+    rows = [json.loads(line) for line in (tmp_path / "passkey" / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["model"], r["length"]) for r in rows) == [("base", 256), ("base", 512), ("dense", 256),
+                                                                ("dense", 512)]
+
+
+def test_unknown_variant_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="unknown variants"):
+        ablations.main(["--variants", "base,nope", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_the_shipped_demo_model_finds_pass_keys_far_beyond_its_window(depth):
+    """The model in benchmarks/results/generalization/model-swa (a 32-token window, trained on prompts of at
+    most 4096 tokens) answers pass keys at 2048 tokens on the CPU: a check that the model code still matches
+    the weights it was trained with."""
+    answerer = load_answerer(f"demo={DEMO}", device="cpu", segment=512)
+    for index in range(2):
+        sample = make_sample(Key("passkey", 2048, depth, index), answerer.tokenizer, seed=7)
+        assert score("passkey", answerer.answer(sample), sample.references) == 1.0
