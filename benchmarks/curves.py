@@ -26,9 +26,9 @@ def read_curve(spec: str) -> list[tuple[int, float]]:
     for name in spec.split("+"):
         path = Path(name)
         if path.suffix == ".jsonl":
-            stage = [(r["step"], r["eval_answer_accuracy"]) for r in map(json.loads, path.read_text().splitlines())
-                     if "eval_answer_accuracy" in r]
-            last = max((json.loads(line)["step"] for line in path.read_text().splitlines()), default=0)
+            records = [json.loads(line) for line in path.read_text().splitlines()]
+            stage = [(r["step"], r["eval_answer_accuracy"]) for r in records if "eval_answer_accuracy" in r]
+            last = max((r["step"] for r in records), default=0)
         elif path.suffix == ".md":
             rows = [line.strip("|").split("|") for line in path.read_text().splitlines()
                     if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
