@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -76,6 +77,23 @@ def eval_batches(run: RunConfig, tokenizer, seed: int) -> list[dict[str, torch.T
     return [{k: torch.stack([r[k] for r in rows[i:i + size]]) for k in rows[0]} for i in range(0, len(rows), size)]
 
 
+def shard(stream: Iterator[dict[str, torch.Tensor]], accelerator: Accelerator) -> Iterator[dict[str, torch.Tensor]]:
+    """This process's share of one stream: rows rank, rank + world, ... so that N processes with batch size B
+    see exactly the sequences that one process with batch size N * B sees."""
+    return itertools.islice(stream, accelerator.process_index, None, accelerator.num_processes)
+
+
+def loss_shares(micro: list[dict[str, torch.Tensor]], accelerator: Accelerator) -> list[float]:
+    """Loss weights of one optimizer step's micro-batches on this process: each one's predicted tokens over
+    the mean count per micro-batch of the whole global batch (all micro-batches of all processes). With them,
+    accumulated and process-averaged gradients equal those of the token-mean loss of the global batch, so
+    N processes x B rows x A accumulation steps train exactly like one process with N * B * A rows."""
+    counts = torch.tensor([float((b["labels"][:, 1:] != -100).sum()) for b in micro], dtype=torch.float64,
+                          device=accelerator.device)
+    total = accelerator.reduce(counts.sum(), "sum") if accelerator.num_processes > 1 else counts.sum()
+    return (counts * len(micro) * accelerator.num_processes / total.clamp(min=1)).tolist()
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in ("input_ids", "labels", "doc_ids") if k in batch}
 
@@ -125,7 +143,9 @@ def train(run: RunConfig, resume: bool | str = False) -> Path:
     """Run (or resume) the training that `run` describes; returns the folder of the final model."""
     t = run.train
     precision = ("bf16" if torch.cuda.is_available() else "no") if t.mixed_precision == "auto" else t.mixed_precision
+    # step_scheduler_with_optimizer=False: one schedule step per optimizer step, however many processes
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=t.grad_accum,
+                              step_scheduler_with_optimizer=False,
                               log_with="tensorboard" if t.tensorboard else None, project_dir=t.output_dir)
     if accelerator.device.type == "cpu" and accelerator.num_processes == 1:
         torch.set_num_threads(os.cpu_count() or 1)  # accelerate launch pins one thread per process
@@ -154,7 +174,7 @@ def train(run: RunConfig, resume: bool | str = False) -> Path:
         state = load_checkpoint(accelerator, output_dir, None if resume is True else resume)
         step, position = state["step"], state["position"]
         logger.info("resumed from step %d", step)
-    stream = batches(sequences(run.data, tokenizer, t.seed * 1009 + accelerator.process_index), t.batch_size)
+    stream = batches(shard(sequences(run.data, tokenizer, t.seed * 1009), accelerator), t.batch_size)
     for _ in range(position):  # skip what earlier runs consumed: the data order stays exactly the same
         next(stream)
     held_out = eval_batches(run, tokenizer, t.seed)
@@ -166,28 +186,33 @@ def train(run: RunConfig, resume: bool | str = False) -> Path:
     last = time.perf_counter()
     while step < t.steps:
         losses, hits, tokens = [], [], 0
-        for _ in range(t.grad_accum):
-            batch = {k: v.to(accelerator.device) for k, v in next(stream).items()}
-            position += 1
+        micro = [next(stream) for _ in range(t.grad_accum)]
+        position += t.grad_accum
+        for batch, share in zip(micro, loss_shares(micro, accelerator)):
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model):
                 out = model(**model_inputs(batch), return_retrieval=stats)
-                accelerator.backward(out.loss)
+                accelerator.backward(out.loss * share)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), t.clip)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            losses.append(out.loss.item())
+            losses.append((out.loss * share).item())
             tokens += int((batch["labels"] != -100).sum())
             if stats:
                 hits.append(retrieval_hits(out.retrieval, batch, chunk_size).item())
         step += 1
+        local = torch.tensor([sum(losses) / len(losses), tokens, sum(hits) / max(1, len(hits))],
+                             dtype=torch.float64, device=accelerator.device)
+        mean = accelerator.reduce(local, "mean").tolist()  # the whole global batch, not process 0's share
         now = time.perf_counter()
-        metrics = {"loss": sum(losses) / len(losses), "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_s": tokens * accelerator.num_processes / (now - last)}
+        metrics = {"loss": mean[0], "lr": scheduler.get_last_lr()[0],
+                   "tokens_per_s": mean[1] * accelerator.num_processes / (now - last)}
         last = now
         if hits:
-            metrics["retrieval_hit"] = sum(hits) / len(hits)
+            metrics["retrieval_hit"] = mean[2]
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
         if step % t.log_every == 0 or step == t.steps:
@@ -205,8 +230,11 @@ def train(run: RunConfig, resume: bool | str = False) -> Path:
             return output_dir
     bar.close()
     final = output_dir / "final"
+    weights = accelerator.get_state_dict(model)  # gathered from every process under FSDP
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(final)
+        plain = HSAHybrid(accelerator.unwrap_model(model).config)
+        plain.load_state_dict(weights)
+        plain.save_pretrained(final)
         logger.info("saved %s", final)
     accelerator.wait_for_everyone()
     accelerator.end_training()
