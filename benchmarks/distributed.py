@@ -99,6 +99,7 @@ def plot(runs: dict[str, Path], out: Path, window: int) -> None:
         loss = read_metrics(run_dir)[0]
         steps = sorted(loss)
         ax.plot(steps, smooth([loss[s] for s in steps], window), label=name, linewidth=1.2)
+    ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"training loss (mean of last {window} logged)")
     ax.grid(alpha=0.3)
