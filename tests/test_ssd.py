@@ -137,3 +137,21 @@ def test_seq_idx_from_starts():
     assert seq_idx.dtype == torch.int32 and seq_idx.is_contiguous()
     assert seq_idx.tolist() == [[1, 1, 2, 3, 3], [0, 0, 0, 1, 1]]
     assert seq_idx_from_starts(None) is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 2), c=st.integers(1, 30), h=st.integers(1, 3), group=st.integers(1, 8),
+       cut_prob=st.sampled_from([0.0, 0.2, 0.7]), seed=st.integers(0, 2**31 - 1))
+def test_state_passing_across_groups_matches_the_chunk_loop(b, c, h, group, cut_prob, seed):
+    """The closed form within groups of chunks plus the loop across groups, against one chunk at a time."""
+    from ramba.ops.ssd.naive import _pass_states
+    gen = torch.Generator().manual_seed(seed)
+    states = torch.randn(b, c, h, 2, 3, generator=gen, dtype=F64)
+    log_decay = -torch.rand(b, c, h, generator=gen, dtype=F64) * 2
+    carries = torch.rand(b, c, generator=gen) >= cut_prob
+    state = torch.randn(b, h, 2, 3, generator=gen, dtype=F64)
+    entering, final = _pass_states(states, log_decay, carries, state, group)
+    for i in range(c):
+        torch.testing.assert_close(entering[:, i], state, rtol=1e-12, atol=1e-12)
+        state = (log_decay[:, i].exp() * carries[:, i, None])[..., None, None] * state + states[:, i]
+    torch.testing.assert_close(final, state, rtol=1e-12, atol=1e-12)

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from ramba.config import HSAHybridConfig
 from ramba.layers.swa import SlidingWindowAttention
-from ramba.ops.swa import sliding_window_attention, swa_flash, swa_flex, swa_reference
+from ramba.ops.swa import (sliding_window_attention, swa_cached_blocked, swa_cached_reference, swa_flash, swa_flex,
+                           swa_reference)
 from ramba.ops.swa.flash import doc_cu_seqlens
 
 HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
@@ -212,3 +213,43 @@ def test_flex_block_mask_is_built_once_per_input():
     assert swa_block_mask(16, 200, torch.device("cpu"), docs) is first
     assert swa_block_mask(16, 200, torch.device("cpu"), docs.clone()) is not first
     assert swa_block_mask(32, 200, torch.device("cpu"), docs) is not first
+
+
+def dense_cached_swa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                     key_valid: torch.Tensor) -> torch.Tensor:
+    """The last L of M positions against all M keys with an explicit [L, M] mask, in float64."""
+    length, total = q.shape[1], k.shape[1]
+    kv_head = torch.arange(q.shape[2]) // (q.shape[2] // k.shape[2])
+    k, v = k.double()[:, :, kv_head], v.double()[:, :, kv_head]
+    scores = torch.einsum("bthd,bshd->bhts", q.double(), k) / math.sqrt(q.shape[3])
+    t = torch.arange(total - length, total)[:, None]
+    s = torch.arange(total)[None, :]
+    allowed = (t - s >= 0) & (t - s < window) & (key_valid[:, None, :] | (t == s))[:, None]
+    return torch.einsum("bhts,bshd->bthd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v)
+
+
+@settings(max_examples=150, deadline=None)
+@given(batch=st.integers(1, 2), length=st.integers(1, 40), cached=st.integers(0, 40), kv_heads=st.integers(1, 2),
+       group=st.sampled_from([1, 2, 3]), dim=st.sampled_from([2, 8]), window=st.integers(1, 50),
+       block_size=st.one_of(st.none(), st.integers(1, 17)), empty_rate=st.sampled_from([0.0, 0.3, 1.0]),
+       seed=st.integers(0, 2**31 - 1))
+def test_cached_attention_matches_dense(batch, length, cached, kv_heads, group, dim, window, block_size, empty_rate,
+                                        seed):
+    """Both cached paths (the per-block loop and the one batched call) against the dense masked formula, with
+    empty cache slots and padding (key_valid False) anywhere, all of them at empty_rate 1."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, length, kv_heads * group, dim, generator=gen, dtype=torch.float64)
+    _, k, v = random_qkv(gen, batch, cached + length, kv_heads * group, kv_heads, dim)
+    key_valid = torch.rand(batch, cached + length, generator=gen) >= empty_rate
+    want = dense_cached_swa(q, k, v, window, key_valid)
+    for fn in (swa_cached_reference, swa_cached_blocked):
+        torch.testing.assert_close(fn(q, k, v, window, key_valid, block_size), want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_blocked_keeps_dtype(dtype):
+    q, k, v = (torch.randn(1, 70, 2, 8, dtype=dtype) for _ in range(3))
+    out = swa_cached_blocked(q, k, v, 16, torch.ones(1, 70, dtype=torch.bool))
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.double(), dense_cached_swa(q, k, v, 16, torch.ones(1, 70, dtype=torch.bool)),
+                               rtol=2e-2, atol=2e-2)

@@ -52,6 +52,35 @@ def _segsum(a: Tensor) -> Tensor:
     return rows.cumsum(dim=-2).masked_fill(~ones.tril(), float("-inf"))
 
 
+def _pass_states(chunk_states: Tensor, log_decay: Tensor, carries: Tensor, state: Tensor,
+                 group: int = 32) -> tuple[Tensor, Tensor]:
+    """The state entering each chunk, [b, c, h, p, n], and the state after the last one.
+
+    chunk_states: [b, c, h, p, n], what each chunk writes by its end; log_decay: [b, c, h], the log decay
+    across each chunk; carries: bool [b, c], False where a document starts in the chunk (the state before it
+    is dropped); state: [b, h, p, n], the state before the first chunk. The recurrence
+    after[c] = carries[c] * exp(log_decay[c]) * after[c - 1] + chunk_states[c] runs in closed form within
+    groups of `group` chunks and step by step across groups: c / group steps instead of c.
+    """
+    b, c, h = log_decay.shape
+    ng = -(-c // group)
+    pad = ng * group - c  # identity chunks: no decay, nothing written
+    S = _pad_time(chunk_states, pad).view(b, ng, group, *chunk_states.shape[2:])
+    ld = _pad_time(log_decay, pad).view(b, ng, group, h)
+    cut = torch.cat([~carries, carries.new_zeros(b, pad)], dim=1).view(b, ng, group).long().cumsum(-1)
+    clear = (cut.unsqueeze(-1) == cut.unsqueeze(-2)).unsqueeze(2)          # [b, g, 1, t, s]: no cut in (s, t]
+    weights = _segsum(ld.transpose(2, 3)).exp() * clear                   # [b, g, h, t, s]
+    within = torch.einsum("bghts,bgshpn->bgthpn", weights, S)              # after[t], zero state at group start
+    from_start = ld.cumsum(2).exp() * (cut == 0).unsqueeze(-1)              # [b, g, t, h]
+    entering = []
+    for g in range(ng):
+        entering.append(state)
+        state = from_start[:, g, -1, :, None, None] * state + within[:, g, -1]
+    after = within + from_start[..., None, None] * torch.stack(entering, dim=1)[:, :, None]
+    after = after.flatten(1, 2)[:, :c]
+    return torch.cat([torch.stack(entering[:1], dim=1), after[:, :-1]], dim=1), state
+
+
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
              D: Tensor | None = None, seq_start: Tensor | None = None, initial_state: Tensor | None = None,
              return_final_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -103,13 +132,8 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     to_end = decay[..., -1, :]                                     # [b, c, h, q(s)]
     chunk_states = torch.einsum("bcshn,bchs,bcshp->bchpn", Bs, to_end, xdt)
     carries = nstart[..., -1] == 0                                 # [b, c]: no document starts in the chunk
-    chunk_decay = a_cum[..., -1].exp() * carries.unsqueeze(-1)     # [b, c, h]
     state = chunk_states.new_zeros(b, h, p, n) if initial_state is None else initial_state.to(ct)
-    entering = []
-    for c in range(nc):
-        entering.append(state)
-        state = chunk_decay[:, c, :, None, None] * state + chunk_states[:, c]
-    states_in = torch.stack(entering, dim=1)                       # [b, c, h, p, n]
+    states_in, state = _pass_states(chunk_states, a_cum[..., -1], carries, state)
 
     # the state entering a chunk reaches token t if no document starts in the chunk up to t
     reach = a_cum.exp() * (nstart == 0).unsqueeze(2)               # [b, c, h, q]

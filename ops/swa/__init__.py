@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from .blocked import swa_cached_blocked
 from .flash import swa_flash
 from .flex import swa_flex
 from .naive import swa_cached_reference, swa_reference
 
 BACKENDS = {"torch": swa_reference, "flex": swa_flex, "flash": swa_flash}
 
-__all__ = ["BACKENDS", "sliding_window_attention", "swa_cached_reference", "swa_flash", "swa_flex", "swa_reference",
+__all__ = ["BACKENDS", "sliding_window_attention", "swa_cached_blocked", "swa_cached_reference", "swa_flash", "swa_flex", "swa_reference",
            "check_inputs"]
 
 

@@ -9,7 +9,7 @@ from ramba.backends import pick
 from ramba.cache import SWAState
 from ramba.config import HSAHybridConfig
 from ramba.layers.rope import apply_rope, rope_angles
-from ramba.ops.swa import sliding_window_attention, swa_cached_reference
+from ramba.ops.swa import sliding_window_attention, swa_cached_blocked
 
 
 class SlidingWindowAttention(nn.Module):
@@ -49,7 +49,7 @@ class SlidingWindowAttention(nn.Module):
             keys, values = torch.cat([state.k, k], dim=1), torch.cat([state.v, v], dim=1)
             real = torch.ones(batch, length, dtype=torch.bool, device=x.device) if valid is None else valid
             key_valid = torch.cat([state.valid, real], dim=1)
-            out = swa_cached_reference(q, keys, values, self.config.window, key_valid)
+            out = swa_cached_blocked(q, keys, values, self.config.window, key_valid)
             keep = state.k.shape[1]
             state.k, state.v = keys[:, keys.shape[1] - keep:], values[:, values.shape[1] - keep:]
             state.valid = key_valid[:, key_valid.shape[1] - keep:]
