@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 from tqdm.auto import tqdm
 
 from benchmarks.common import parse_length
@@ -74,10 +75,8 @@ class DenseBlock(nn.Module):
         if cache:
             k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
         cache[:] = [k, v]
-        offset = k.shape[2] - L
-        mask = None if offset == 0 else (torch.arange(L, device=x.device)[:, None] + offset
-                                         >= torch.arange(k.shape[2], device=x.device)[None])
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=offset == 0, enable_gqa=True)
+        # causal with the queries aligned to the last keys, never materialised as an [L, M] mask
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(L, k.shape[2]), enable_gqa=True)
         x = x + self.o(att.transpose(1, 2).reshape(B, L, -1))
         gate, up = self.up(self.norm2(x)).chunk(2, -1)
         return x + self.down(F.silu(gate) * up)
