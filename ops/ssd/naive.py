@@ -108,11 +108,13 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     nc = -(-l // q)
     pad = nc * q - l
 
-    # padded steps have dt = 0: they neither decay nor write the state, and their outputs are dropped
+    # padded steps have dt = 0: they neither decay nor write the state, and their outputs are dropped.
+    # Heads are split as (group, head within group): B and C stay per group, never copied to every head.
+    k = h // g
     xs = _pad_time(x.to(ct), pad).view(b, nc, q, h, p)
     dts = _pad_time(dt.to(ct), pad).view(b, nc, q, h)
-    Bs = _pad_time(B.to(ct), pad).repeat_interleave(h // g, dim=2).view(b, nc, q, h, n)
-    Cs = _pad_time(C.to(ct), pad).repeat_interleave(h // g, dim=2).view(b, nc, q, h, n)
+    Bs = _pad_time(B.to(ct), pad).view(b, nc, q, g, n)
+    Cs = _pad_time(C.to(ct), pad).view(b, nc, q, g, n)
     starts = torch.zeros(b, l, dtype=torch.long, device=x.device) if seq_start is None else seq_start.long()
     # number of document starts at or before each position of its chunk
     nstart = _pad_time(starts, pad).view(b, nc, q).cumsum(dim=-1)
@@ -121,23 +123,24 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     a_cum = a.cumsum(dim=-1)                                       # decay since the chunk start
     seg = _segsum(a)                                               # [b, c, h, q(t), q(s)]
     same_doc = (nstart.unsqueeze(-1) == nstart.unsqueeze(-2)).unsqueeze(2)
-    decay = seg.masked_fill(~same_doc, float("-inf")).exp()
-    xdt = xs * dts.unsqueeze(-1)                                   # [b, c, q, h, p]
+    decay = seg.masked_fill(~same_doc, float("-inf")).exp().view(b, nc, g, k, q, q)
+    xdt = (xs * dts.unsqueeze(-1)).view(b, nc, q, g, k, p)
 
     # within each chunk: y_t += sum_{s <= t, same doc} (C_t · B_s) decay(s -> t) dt_s x_s
-    scores = torch.einsum("bcthn,bcshn->bchts", Cs, Bs) * decay
-    y = torch.einsum("bchts,bcshp->bcthp", scores, xdt)
+    scores = torch.einsum("bctgn,bcsgn->bcgts", Cs, Bs).unsqueeze(3) * decay   # [b, c, g, k, t, s]
+    y = torch.einsum("bcgkts,bcsgkp->bctgkp", scores, xdt)
 
     # state written by each chunk at its end, from tokens in the document of its last token
-    to_end = decay[..., -1, :]                                     # [b, c, h, q(s)]
-    chunk_states = torch.einsum("bcshn,bchs,bcshp->bchpn", Bs, to_end, xdt)
+    to_end = decay[..., -1, :].permute(0, 1, 4, 2, 3)              # [b, c, s, g, k]
+    chunk_states = torch.einsum("bcsgn,bcsgkp->bcgkpn", Bs, xdt * to_end.unsqueeze(-1)).reshape(b, nc, h, p, n)
     carries = nstart[..., -1] == 0                                 # [b, c]: no document starts in the chunk
     state = chunk_states.new_zeros(b, h, p, n) if initial_state is None else initial_state.to(ct)
     states_in, state = _pass_states(chunk_states, a_cum[..., -1], carries, state)
 
     # the state entering a chunk reaches token t if no document starts in the chunk up to t
-    reach = a_cum.exp() * (nstart == 0).unsqueeze(2)               # [b, c, h, q]
-    y = y + torch.einsum("bcthn,bchpn,bcht->bcthp", Cs, states_in, reach)
+    reach = (a_cum.exp() * (nstart == 0).unsqueeze(2)).permute(0, 1, 3, 2).reshape(b, nc, q, g, k, 1)
+    y = y + torch.einsum("bctgn,bcgkpn->bctgkp", Cs, states_in.view(b, nc, g, k, p, n)) * reach
+    y = y.reshape(b, nc, q, h, p)
     if D is not None:
         y = y + xs * D.to(ct)[:, None]
     y = y.reshape(b, nc * q, h, p)[:, :l].to(x.dtype)
