@@ -31,9 +31,7 @@ def launch_command(mode: str, processes: int, cpu: bool) -> tuple[list[str], dic
     """The command (and extra environment) that starts RECIPE in `mode`."""
     if mode in ("single", "seed"):
         return [sys.executable, RECIPE], {}
-    if cpu:
-        if mode == "fsdp":
-            raise ValueError("accelerate runs FSDP on GPUs only: leave fsdp out of --modes with --cpu")
+    if cpu:  # DDP only: accelerate has no FSDP on CPUs
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), RECIPE], \
             {"ACCELERATE_USE_CPU": "true"}
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", ACCELERATE[mode],
@@ -127,6 +125,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error(f"--modes: start with single, then any of {', '.join(MODES[1:])}; got {args.modes}")
     if args.processes < 2:
         p.error("--processes: at least 2")
+    if args.cpu and "fsdp" in modes:
+        p.error("accelerate runs FSDP on GPUs only: leave fsdp out of --modes with --cpu")
     runs, failed = {}, []
     for mode in modes:
         command, env = launch_command(mode, args.processes, args.cpu)

@@ -78,7 +78,7 @@ def _pass_states(chunk_states: Tensor, log_decay: Tensor, carries: Tensor, state
         state = from_start[:, g, -1, :, None, None] * state + within[:, g, -1]
     after = within + from_start[..., None, None] * torch.stack(entering, dim=1)[:, :, None]
     after = after.flatten(1, 2)[:, :c]
-    return torch.cat([torch.stack(entering[:1], dim=1), after[:, :-1]], dim=1), state
+    return torch.cat([entering[0].unsqueeze(1), after[:, :-1]], dim=1), state
 
 
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,

@@ -11,8 +11,8 @@ from .naive import swa_cached_reference, swa_reference
 
 BACKENDS = {"torch": swa_reference, "flex": swa_flex, "flash": swa_flash}
 
-__all__ = ["BACKENDS", "sliding_window_attention", "swa_cached_blocked", "swa_cached_reference", "swa_flash", "swa_flex", "swa_reference",
-           "check_inputs"]
+__all__ = ["BACKENDS", "check_inputs", "sliding_window_attention", "swa_cached_blocked", "swa_cached_reference",
+           "swa_flash", "swa_flex", "swa_reference"]
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
