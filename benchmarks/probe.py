@@ -1,0 +1,135 @@
+r"""Where a model looks when it answers: for each prompt of a task, whether the chunks its HSA blocks select for
+each answer token hold the asked fact, another inserted fact, or neither, beside the answer's score.
+It tells a retrieval failure (the asked fact's chunk not read) from a reading failure (read, answered wrong).
+
+python -m benchmarks.probe --checkpoint DIR --task niah_multikey_1 --lengths 4k,64k [--samples 20] [--seed 1]
+    [--segment 65536] [--device cpu] [--out FILE.md]
+
+An inserted fact is "asked" when it holds one of the references (see fact_chunks). A token's selection is the union over HSA blocks and retrieval heads at the position that predicts
+it; answer tokens that are only whitespace are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks.common import parse_length
+from ramba import HSAHybrid
+from ramba.data.tasks import TASKS, Key, Sample, sample_rng, score
+from ramba.tokenizer import Tokenizer, load_tokenizer
+
+MAX_FACT_TOKENS = 256
+
+
+def fact_chunks(sample: Sample, tokenizer: Tokenizer, chunk_size: int) -> tuple[set[int], set[int]]:
+    """(chunks holding part of an asked fact, chunks holding part of another inserted fact).
+
+    A fact starts at its insert offset. One whose next MAX_FACT_TOKENS tokens hold a reference is asked and
+    ends after the last of those mentions (a pass key is stated twice); any other ends at its first '.'."""
+    ids = sample.prompt_ids.tolist()
+    asked, other = set(), set()
+    for start in sample.insert_offsets:
+        window = ids[start:start + MAX_FACT_TOKENS]
+        refs = [ref for ref in sample.references if ref in tokenizer.decode(window)]
+        mentions = sum(tokenizer.decode(window).count(ref) for ref in refs)
+
+        def complete(text: str) -> bool:
+            return sum(text.count(ref) for ref in refs) == mentions if refs else "." in text.strip()
+
+        end = next((n for n in range(1, len(window) + 1) if complete(tokenizer.decode(window[:n]))), len(window))
+        chunks = set(range(start // chunk_size, (start + end - 1) // chunk_size + 1))
+        (asked if refs else other).update(chunks)
+    return asked, other - asked
+
+
+def _selection(retrieval: list[torch.Tensor]) -> set[int]:
+    """Chunks selected at the last position, over every HSA block and retrieval head."""
+    return set(torch.cat([r[0, -1].flatten() for r in retrieval]).tolist()) - {-1}
+
+
+@torch.no_grad()
+def probe_one(model: HSAHybrid, tokenizer: Tokenizer, sample: Sample, segment: int) -> dict:
+    """Prefill the prompt segment-wise and answer greedily, keeping the chunks read for every answer token."""
+    device = next(model.parameters()).device
+    ids = sample.prompt_ids.long()
+    cache = model.new_cache(1)
+    for start in range(0, len(ids), segment):
+        last = start + segment >= len(ids)
+        out = model(ids[None, start:start + segment].to(device), cache=cache, logits_to_keep=1 if last else 0,
+                    return_retrieval=last)
+    answer, reads = [], []
+    for _ in range(sample.max_new_tokens):
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        if token.item() == tokenizer.eos_id:
+            break
+        answer.append(token.item())
+        reads.append(_selection(out.retrieval))  # what was read to predict this token
+        out = model(token, cache=cache, return_retrieval=True)
+    asked, other = fact_chunks(sample, tokenizer, model.config.chunk_size)
+    content = [read for token, read in zip(answer, reads) if tokenizer.decode([token]).strip()]
+    return {"output": tokenizer.decode(answer),
+            "asked_read": statistics.fmean(bool(asked & r) for r in content) if content else 0.0,
+            "other_read": statistics.fmean(len(other & r) for r in content) if content else 0.0,
+            "other_facts": len(other)}
+
+
+def run(model: HSAHybrid, tokenizer: Tokenizer, task: str, lengths: list[int], samples: int, seed: int,
+        segment: int) -> list[dict]:
+    """One row per (length, sample index), with the answer's score under the task's rule."""
+    rows = []
+    for length in lengths:
+        for index in tqdm(range(samples), desc=f"{task} {length:,}", leave=False):
+            key = Key(task, length, None, index)
+            sample = TASKS[task](sample_rng(seed, key), tokenizer, length, None)
+            row = probe_one(model, tokenizer, sample, segment)
+            row.update(length=length, index=index, score=score(task, row["output"], sample.references))
+            rows.append(row)
+    return rows
+
+
+def table(rows: list[dict], task: str) -> str:
+    lines = [f"| {task} length | prompts | answers right | answer tokens that read the asked fact | other facts' "
+             "chunks read per answer token (of) |", "| ---: | ---: | ---: | ---: | ---: |"]
+    for length in sorted({r["length"] for r in rows}):
+        cell = [r for r in rows if r["length"] == length]
+        lines.append(f"| {length:,} | {len(cell)} | {statistics.fmean(r['score'] for r in cell):.0%} | "
+                     f"{statistics.fmean(r['asked_read'] for r in cell):.0%} | "
+                     f"{statistics.fmean(r['other_read'] for r in cell):.1f} of "
+                     f"{statistics.fmean(r['other_facts'] for r in cell):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a directory written by HSAHybrid.save_pretrained")
+    p.add_argument("--task", default="niah_multikey_1", help=f"one of {', '.join(TASKS)}")
+    p.add_argument("--lengths", default="4k")
+    p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--segment", type=int, default=65536)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tokenizer", default="byte")
+    p.add_argument("--out", help="also write the table to this markdown file")
+    args = p.parse_args(argv)
+    if args.task not in TASKS:
+        p.error(f"--task: unknown {args.task!r}; known: {', '.join(TASKS)}")
+    model = HSAHybrid.from_pretrained(args.checkpoint, device=args.device).float().eval()
+    tokenizer = load_tokenizer(args.tokenizer)
+    rows = run(model, tokenizer, args.task, [parse_length(x) for x in args.lengths.split(",")], args.samples,
+               args.seed, args.segment)
+    text = table(rows, args.task)
+    print(text)
+    if args.out:
+        command = " ".join(sys.argv[1:] if argv is None else argv)
+        Path(args.out).write_text(f"`python -m benchmarks.probe {command}`\n\n{text}")
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""benchmarks/probe.py: which chunks hold the inserted facts, and what the model reads while answering."""
+
+import random
+from pathlib import Path
+
+from benchmarks import probe
+from ramba import HSAHybrid
+from ramba.data.tasks import TASKS
+from ramba.tokenizer import ByteTokenizer
+
+DEMO = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "generalization" / "model-swa"
+
+
+def test_fact_chunks_hold_the_asked_fact_and_the_others():
+    tokenizer = ByteTokenizer()
+    for seed in range(5):
+        sample = TASKS["niah_multikey_1"](random.Random(seed), tokenizer, 2048, None)
+        asked, other = probe.fact_chunks(sample, tokenizer, 64)
+        ids = sample.prompt_ids.tolist()
+
+        def text(chunks: set[int]) -> str:
+            return tokenizer.decode(sum((ids[c * 64:(c + 1) * 64] for c in sorted(chunks)), []))
+
+        assert sample.references[0] in text(asked) and not asked & other
+        assert text(asked | other).count("One hidden number for") == 4  # every needle, each whole
+
+def test_a_model_that_reads_every_chunk_reads_the_asked_one():
+    """At 300 tokens there are 4 complete chunks and top-8 selects all of them: every answer token reads the
+    pass key's chunk, and the shipped model answers it."""
+    model = HSAHybrid.from_pretrained(DEMO).float().eval()
+    tokenizer = ByteTokenizer()
+    sample = TASKS["passkey"](random.Random(0), tokenizer, 300, 0.0)
+    row = probe.probe_one(model, tokenizer, sample, segment=128)
+    assert row["asked_read"] == 1.0 and row["other_facts"] == 0
+    assert sample.references[0] in row["output"]
