@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.common import parse_length
 from ramba import HSAHybrid
-from ramba.data.tasks import TASKS, Key, Sample, sample_rng, score
+from ramba.data.tasks import TASKS, Key, Sample, make_sample, score
 from ramba.tokenizer import Tokenizer, load_tokenizer
 
 MAX_FACT_TOKENS = 256
@@ -85,8 +85,7 @@ def run(model: HSAHybrid, tokenizer: Tokenizer, task: str, lengths: list[int], s
     rows = []
     for length in lengths:
         for index in tqdm(range(samples), desc=f"{task} {length:,}", leave=False):
-            key = Key(task, length, None, index)
-            sample = TASKS[task](sample_rng(seed, key), tokenizer, length, None)
+            sample = make_sample(Key(task, length, None, index), tokenizer, seed)
             row = probe_one(model, tokenizer, sample, segment)
             row.update(length=length, index=index, score=score(task, row["output"], sample.references))
             rows.append(row)
