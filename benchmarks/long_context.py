@@ -153,7 +153,7 @@ def run_dense(config: HSAHybridConfig, length: int, segment: int, decode_steps: 
         for pos in range(0, length, segment):
             ids = torch.randint(0, config.vocab_size, (1, min(segment, length - pos)), device="cuda")
             out = model(ids, caches, 1)
-            if synchronize_time() - start > budget_s:
+            if pos + segment < length and synchronize_time() - start > budget_s:
                 done = pos + segment
                 estimate = (synchronize_time() - start) * (length / done) ** 2
                 return Result(name, length, None, None, torch.cuda.max_memory_allocated() / 2**30, cpu_peak_gib(),
