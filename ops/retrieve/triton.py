@@ -5,8 +5,10 @@ tiles, and merges every score tile into a running top-k held in registers: the [
 exists in memory, so memory stays linear in L*K whatever the number of chunks. A (score, chunk) pair is one
 int64 key, the order-preserving integer image of the fp32 score in the high half and the chunk index in the
 low half, so comparing keys ranks by score and breaks ties towards the more recent chunk, like the reference.
-With few queries and many chunks (decoding) the chunks are split over several programs, each writing a
-partial top-k that a small PyTorch step merges.
+The visibility of each chunk comes from the positions inside the kernel, and when one program sees all the
+chunks of its queries it also sorts its top-k by chunk and writes the indices and their scores: one launch
+per call, no PyTorch work around it. With few queries and many chunks (decoding) the chunks are split over
+several programs, each writing a partial top-k that a small PyTorch step merges.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .naive import visible_chunks
 
 MAX_TOPK = 64
 MAX_DIM = 256
@@ -40,15 +41,20 @@ def _floor(threshold):
     return tl.where(high == _EMPTY_HIGH, float("-inf"), _image(high).to(tl.float32, bitcast=True))
 
 
-@triton.jit(do_not_specialize=["L", "chunks_per_split", "seed"])
+@triton.jit(do_not_specialize=["L", "C", "shift", "chunks_per_split", "seed"])
 def _retrieve_kernel(
-    q_ptr, lmk_ptr, vis_ptr, out_ptr,
-    L, Hr, dr, chunks_per_split, scale, gumbel, seed,
-    sq_b, sq_l, sq_h, sq_d, sk_b, sk_c, sk_h, sk_d,
+    q_ptr, lmk_ptr, pos_ptr, out_ptr, score_ptr,
+    L, Hr, dr, C, chunk_size, shift, chunks_per_split, sqrt_dr, gumbel, seed,
+    sq_b, sq_l, sq_h, sq_d, sk_b, sk_c, sk_h, sk_d, sp_b, sp_l,
     TOPK: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, GUMBEL: tl.constexpr,
+    FINAL: tl.constexpr,
 ):
-    """Top-TOPK keys of one block of queries over one range of chunks -> out [B, L, Hr, splits, TOPK] int64."""
+    """Top-TOPK of one block of queries over one range of chunks.
+
+    FINAL (one range, no noise): indices [B, L, Hr, TOPK] int64 into out_ptr, most recent first and -1 last,
+    and their scores float32 into score_ptr. Otherwise the keys [B, L, Hr, splits, TOPK] int64 into out_ptr.
+    """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -57,7 +63,9 @@ def _retrieve_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < L
     dims = tl.arange(0, BLOCK_D)
-    vis = tl.load(vis_ptr + b.to(tl.int64) * L + rows, mask=row_ok, other=0)
+    # chunks visible to each query: floor((position - shift) / chunk_size) clamped to [0, C]
+    limit = tl.load(pos_ptr + b.to(tl.int64) * sp_b + rows.to(tl.int64) * sp_l, mask=row_ok, other=0) - shift
+    vis = tl.minimum(tl.where(limit > 0, limit // chunk_size, 0), C)
     lo = pid_s * chunks_per_split
     hi = tl.minimum(lo + chunks_per_split, tl.max(vis, 0))
 
@@ -85,7 +93,7 @@ def _retrieve_kernel(
             zero = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
             noise, _, _, _ = tl.philox(seed, cols[None, :] + zero, (b * L + rows)[:, None] + zero, h + zero, zero)
             uniform = tl.maximum(tl.uint_to_uniform_float(noise), 1e-20)
-            s = s * scale - gumbel * tl.log(-tl.log(uniform))
+            s = tl.math.div_rn(s, sqrt_dr) - gumbel * tl.log(-tl.log(uniform))
         # a cheap float test first (NaN passes, as a NaN key ranks above all): most tiles of a long memory
         # hold no score that reaches the current K-th best, and skip the key work
         maybe = col_ok[None, :] & (cols[None, :] < vis[:, None]) & ~(s < floor[:, None])
@@ -103,9 +111,24 @@ def _retrieve_kernel(
                 threshold = tl.min(best, 1)
             floor = _floor(threshold)
 
-    splits = tl.num_programs(2)
-    out_row = ((b.to(tl.int64) * L + rows) * Hr + h) * splits + pid_s
-    tl.store(out_ptr + out_row[:, None] * TOPK + slot, best, mask=row_ok[:, None] & (slot < TOPK))
+    if FINAL:
+        # chunk index (-1 for an empty slot, -2 for padding) above the score's image, sorted most recent first
+        high = (best >> 32).to(tl.int32)
+        chunk = tl.where(high == _EMPTY_HIGH, -1, best & 0xFFFFFFFF)
+        chunk = tl.where(slot < TOPK, chunk, -2)
+        packed = tl.sort(((chunk + 2) << 32) | (high.to(tl.int64) & 0xFFFFFFFF), dim=1, descending=True)
+        chunk = (packed >> 32) - 2
+        bits = _image((packed & 0xFFFFFFFF).to(tl.int32))
+        score = tl.math.div_rn(bits.to(tl.float32, bitcast=True), sqrt_dr)
+        score = tl.where(chunk >= 0, score, float("-inf"))
+        out_row = (b.to(tl.int64) * L + rows) * Hr + h
+        ok = row_ok[:, None] & (slot < TOPK)
+        tl.store(out_ptr + out_row[:, None] * TOPK + slot, chunk, mask=ok)
+        tl.store(score_ptr + out_row[:, None] * TOPK + slot, score, mask=ok)
+    else:
+        splits = tl.num_programs(2)
+        out_row = ((b.to(tl.int64) * L + rows) * Hr + h) * splits + pid_s
+        tl.store(out_ptr + out_row[:, None] * TOPK + slot, best, mask=row_ok[:, None] & (slot < TOPK))
 
 
 def _gather(landmarks: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -117,16 +140,20 @@ def _gather(landmarks: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 class _SelectedScores(torch.autograd.Function):
-    """qr [B, L, Hr, dr] . landmarks[b, indices, h] / sqrt(dr) -> [B, L, Hr, K] float32, -inf where indices < 0.
+    """qr [B, L, Hr, dr] . landmarks[b, indices, h] / sqrt(dr) -> [B, L, Hr, K] float32, -inf where indices < 0;
+    `scores`, when given, are these already (from the selection kernel) and only the backward is needed.
 
     With few chunks (C <= K * dr) dense matmuls over all chunks are faster and take no more memory than the
     gathered [B, L, Hr, K, dr] landmarks; otherwise the landmarks are gathered and gradients index-added.
     """
 
     @staticmethod
-    def forward(ctx, qr: torch.Tensor, landmarks: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, qr: torch.Tensor, landmarks: torch.Tensor, indices: torch.Tensor,
+                scores: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(qr, landmarks, indices)
         C, dr = landmarks.shape[1], landmarks.shape[3]
+        if scores is not None:  # already computed by the selection kernel
+            return scores
         if C == 0:
             return torch.full(indices.shape, float("-inf"), device=qr.device)
         if C <= indices.shape[-1] * dr:
@@ -137,11 +164,11 @@ class _SelectedScores(torch.autograd.Function):
         return (scores / math.sqrt(dr)).masked_fill(indices < 0, float("-inf"))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         qr, landmarks, indices = ctx.saved_tensors
         B, C, Hr, dr = landmarks.shape
         if C == 0:
-            return torch.zeros_like(qr), torch.zeros_like(landmarks), None
+            return torch.zeros_like(qr), torch.zeros_like(landmarks), None, None
         grad = grad.float().masked_fill(indices < 0, 0.0) / math.sqrt(dr)
         want_qr, want_lmk = ctx.needs_input_grad[:2]
         grad_qr = grad_lmk = None
@@ -152,7 +179,7 @@ class _SelectedScores(torch.autograd.Function):
                 grad_qr = torch.einsum("blhc,bchd->blhd", every, landmarks.float()).to(qr.dtype)
             if want_lmk:
                 grad_lmk = torch.einsum("blhc,blhd->bchd", every, qr.float()).to(landmarks.dtype)
-            return grad_qr, grad_lmk, None
+            return grad_qr, grad_lmk, None, None
         if want_qr:
             grad_qr = torch.einsum("blhk,blhkd->blhd", grad, _gather(landmarks, indices)).to(qr.dtype)
         if want_lmk:
@@ -163,7 +190,7 @@ class _SelectedScores(torch.autograd.Function):
             grad_lmk = torch.zeros(B * C * Hr, dr, device=qr.device)
             grad_lmk.index_add_(0, rows.reshape(-1), contrib.reshape(-1, dr))
             grad_lmk = grad_lmk.view(B, C, Hr, dr).to(landmarks.dtype)
-        return grad_qr, grad_lmk, None
+        return grad_qr, grad_lmk, None, None
 
 
 def unsupported(qr: torch.Tensor, landmarks: torch.Tensor, topk: int, gumbel: float = 0.0) -> str | None:
@@ -207,32 +234,43 @@ def plan(B: int, L: int, Hr: int, C: int, topk: int, device: torch.device,
     return block_m, block_n, per_split
 
 
-def _select(qr: torch.Tensor, landmarks: torch.Tensor, topk: int, vis: torch.Tensor, gumbel: float,
-            splits: int | None) -> torch.Tensor:
-    """Indices [B, L, Hr, K] of the top-k visible chunks, most recent first, -1 (empty) last."""
+def _select(qr: torch.Tensor, landmarks: torch.Tensor, topk: int, positions: torch.Tensor, chunk_size: int,
+            window: int | None, gumbel: float, splits: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Indices [B, L, Hr, K] of the top-k visible chunks, most recent first, -1 (empty) last, and their scores
+    [B, L, Hr, K] float32 (None with Gumbel noise, whose keys hold perturbed scores)."""
     B, L, Hr, dr = qr.shape
     C = landmarks.shape[1]
     block_m, block_n, per_split = plan(B, L, Hr, C, topk, qr.device, splits)
     n_splits = triton.cdiv(C, per_split)
-    keys = torch.empty(B, L, Hr, n_splits, topk, dtype=torch.int64, device=qr.device)
+    final = n_splits == 1 and gumbel == 0
+    out = torch.empty(B, L, Hr, 1 if final else n_splits, topk, dtype=torch.int64, device=qr.device)
+    scores = torch.empty(B, L, Hr, topk, dtype=torch.float32, device=qr.device) if final else out
     low = qr.dtype == landmarks.dtype and qr.dtype != torch.float32
     # Triton's interpreter keeps bfloat16 as raw uint16 bits and multiplies those in tl.dot: upcast there
     low = low and not (qr.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
     dot_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[qr.dtype] if low else tl.float32
     seed = int(torch.randint(0, 2**62, ())) if gumbel > 0 else 0
+    shift = 0 if window is None else window - chunk_size
     grid = (triton.cdiv(L, block_m), B * Hr, n_splits)
     _retrieve_kernel[grid](
-        qr, landmarks, vis, keys, L, Hr, dr, per_split, 1 / math.sqrt(dr), gumbel, seed,
-        *qr.stride(), *landmarks.stride(),
+        qr, landmarks, positions, out, scores, L, Hr, dr, C, chunk_size, shift, per_split, math.sqrt(dr),
+        gumbel, seed, *qr.stride(), *landmarks.stride(), *positions.stride(),
         TOPK=topk, KP=triton.next_power_of_2(topk), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(dr)), DOT_DTYPE=dot_dtype,
-        PRECISION="tf32" if low else "ieee", GUMBEL=gumbel > 0, num_warps=4,
+        PRECISION="tf32" if low else "ieee", GUMBEL=gumbel > 0, FINAL=final, num_warps=4,
     )
-    keys = keys.flatten(-2)
+    if final:
+        return out.view(B, L, Hr, topk), scores
+    keys = out.flatten(-2)
     if n_splits > 1:  # merge the partial lists
         keys = keys.topk(topk, dim=-1).values
-    indices = torch.where(keys >> 32 == EMPTY_HIGH, -1, keys & 0xFFFFFFFF)
-    return indices.sort(dim=-1, descending=True).values
+    high = (keys >> 32).to(torch.int32)
+    indices, order = torch.where(high == EMPTY_HIGH, -1, keys & 0xFFFFFFFF).sort(dim=-1, descending=True)
+    if gumbel > 0:  # the keys hold the perturbed scores
+        return indices, None
+    bits = torch.gather(high ^ ((high >> 31) & 0x7FFFFFFF), -1, order)  # the image maps back to the float bits
+    scores = (bits.view(torch.float32) / math.sqrt(dr)).masked_fill(indices < 0, float("-inf"))
+    return indices, scores
 
 
 def retrieve_triton(
@@ -261,9 +299,13 @@ def retrieve_triton(
         raise ValueError(f"retrieve_triton: {reason}")
     B, L, Hr, _ = qr.shape
     C = landmarks.shape[1]
+    scores = None
     if C == 0 or qr.numel() == 0:
         indices = torch.full((B, L, Hr, topk), -1, dtype=torch.int64, device=qr.device)
     else:
-        vis = visible_chunks(positions.to(qr.device).long(), chunk_size, C, window).to(torch.int32).contiguous()
-        indices = _select(qr.detach(), landmarks.detach(), topk, vis, float(gumbel), splits)
-    return indices, _SelectedScores.apply(qr, landmarks, indices)
+        positions = positions.to(qr.device, torch.int64)
+        indices, scores = _select(qr.detach(), landmarks.detach(), topk, positions, chunk_size, window,
+                                  float(gumbel), splits)
+    if scores is not None and not (torch.is_grad_enabled() and (qr.requires_grad or landmarks.requires_grad)):
+        return indices, scores
+    return indices, _SelectedScores.apply(qr, landmarks, indices, scores)
