@@ -37,11 +37,12 @@ def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 def _launch_configs() -> list[triton.Config]:
-    """Warps and pipeline stages of the per-token kernels: timed on the GPU at the first call of each shape
-    (the kernels only store, so repeated runs are harmless); one config under the interpreter."""
+    """Warps of the per-token kernels (their slot loops are unrolled, so no pipeline stages): timed on the GPU
+    at the first call of each shape (the kernels only store, so repeated runs are harmless); one config under
+    the interpreter."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({}, num_warps=4, num_stages=2)]
-    return [triton.Config({}, num_warps=w, num_stages=n) for w in (2, 4, 8) for n in (1, 2, 3)]
+        return [triton.Config({}, num_warps=4)]
+    return [triton.Config({}, num_warps=w) for w in (2, 4, 8)]
 
 
 @triton.autotune(configs=_launch_configs(), key=["G", "NSLOT", "S", "D", "OFF_BY_ONE"])
