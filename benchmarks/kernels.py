@@ -335,18 +335,7 @@ def aggregate_section(bench: Bench, quick: bool, baselines: dict[str, Callable |
         torch.cuda.empty_cache()
     header = ["shape", "ours", "reference", "dense SDPA", "FLA NSA", "authors", "ours/authors", "ours/FLA",
               "ours % compute floor", "ours % memory floor"]
-    return (f"## Aggregation ({dtype_name(DTYPE)}, D={D}, K={K}, S={S}; ms fwd / fwd+bwd)\n\n" + table(header, rows)
-            + "\n\n" + picked_configs())
-
-
-def picked_configs() -> str:
-    """The warps the autotuner chose for our per-token aggregation kernels, per shape key."""
-    from ramba.ops.aggregate import triton as fused
-
-    parts = [f"{name} {key[:4]}: {cfg.num_warps} warps"
-             for name, kernel in (("forward", fused._fwd_kernel), ("dq", fused._dq_kernel))
-             for key, cfg in kernel.cache.items()]
-    return "Warps picked by the autotuner, per (G, K, S, D): " + ("; ".join(parts) or "none") + "."
+    return f"## Aggregation ({dtype_name(DTYPE)}, D={D}, K={K}, S={S}; ms fwd / fwd+bwd)\n\n" + table(header, rows)
 
 
 def aggregate_row(label: str, x: AggInputs, times: dict[str, tuple[Cell, Cell]],

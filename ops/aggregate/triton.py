@@ -36,21 +36,11 @@ def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     return out
 
 
-def _launch_configs() -> list[triton.Config]:
-    """Warps of the per-token kernels (their slot loops are unrolled, so no pipeline stages): timed on the GPU
-    at the first call of each shape (the kernels only store, so repeated runs are harmless); one config under
-    the interpreter."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({}, num_warps=4)]
-    return [triton.Config({}, num_warps=w) for w in (2, 4, 8)]
-
-
-@triton.autotune(configs=_launch_configs(), key=["G", "NSLOT", "S", "D", "OFF_BY_ONE"])
 @triton.jit
 def _fwd_kernel(Q, K, V, IDX, W, O, LSE,
                 sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
-                L, H, G, scale_log2,
-                NSLOT: tl.constexpr, S: tl.constexpr, D: tl.constexpr, BG: tl.constexpr, OFF_BY_ONE: tl.constexpr,
+                L, H, G, NSLOT, scale_log2,
+                S: tl.constexpr, D: tl.constexpr, BG: tl.constexpr, OFF_BY_ONE: tl.constexpr,
                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One program per (token, b * kv head, block of BG query heads); loops over the K slots."""
     t = tl.program_id(0).to(tl.int64)
@@ -66,7 +56,7 @@ def _fwd_kernel(Q, K, V, IDX, W, O, LSE,
     k_base = K + b * skb + h * skh + offs_d[None, :]
     v_base = V + b * svb + h * svh + offs_d[None, :]
     acc = tl.zeros([BG, D], dtype=tl.float32)
-    for i in tl.static_range(NSLOT):  # unrolled: every slot's loads can start early
+    for i in range(NSLOT):
         c = tl.load(IDX + row * NSLOT + i).to(tl.int64)
         valid = c >= 0
         w = tl.where(valid, tl.load(W + row * NSLOT + i), 0.0)
@@ -88,12 +78,11 @@ def _fwd_kernel(Q, K, V, IDX, W, O, LSE,
              mask=g_mask[:, None])
 
 
-@triton.autotune(configs=_launch_configs(), key=["G", "NSLOT", "S", "D"])
 @triton.jit
 def _dq_kernel(Q, K, V, DO, IDX, W, LSE, DQ, DW, R,
                sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, sob, sot, soh,
-               L, H, G, scale_log2, scale,
-               NSLOT: tl.constexpr, S: tl.constexpr, D: tl.constexpr, BG: tl.constexpr, UPCAST: tl.constexpr,
+               L, H, G, NSLOT, scale_log2, scale,
+               S: tl.constexpr, D: tl.constexpr, BG: tl.constexpr, UPCAST: tl.constexpr,
                PRECISION: tl.constexpr):
     """Same grid as the forward: dq, the partial dweights of this head block, and R = dO . o_i per slot."""
     t = tl.program_id(0).to(tl.int64)
@@ -112,7 +101,7 @@ def _dq_kernel(Q, K, V, DO, IDX, W, LSE, DQ, DW, R,
     k_base = K + b * skb + h * skh + offs_d[None, :]
     v_base = V + b * svb + h * svh + offs_d[None, :]
     dq = tl.zeros([BG, D], dtype=tl.float32)
-    for i in tl.static_range(NSLOT):  # unrolled: every slot's loads can start early
+    for i in range(NSLOT):
         c = tl.load(IDX + row * NSLOT + i).to(tl.int64)
         valid = c >= 0
         w = tl.where(valid, tl.load(W + row * NSLOT + i), 0.0)
@@ -276,8 +265,8 @@ class _Aggregate(torch.autograd.Function):
         _fwd_kernel[grid](q, k, v, indices, weights, o, lse,
                           q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                           v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-                          L, H, G, scale * LOG2E,
-                          NSLOT=K, S=chunk_size, D=D, BG=BG, OFF_BY_ONE=off_by_one, **_dot_flags(q))
+                          L, H, G, K, scale * LOG2E,
+                          S=chunk_size, D=D, BG=BG, OFF_BY_ONE=off_by_one, **_dot_flags(q), num_warps=4, num_stages=2)
         ctx.save_for_backward(q, k, v, indices, weights, lse)
         ctx.chunk_size, ctx.scale = chunk_size, scale
         return o
@@ -300,7 +289,7 @@ class _Aggregate(torch.autograd.Function):
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            L, H, G, scale * LOG2E, scale, NSLOT=K, S=S, D=D, BG=BG, **_dot_flags(q))
+            L, H, G, K, scale * LOG2E, scale, S=S, D=D, BG=BG, **_dot_flags(q), num_warps=4, num_stages=2)
         dk = dv = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             dk, dv = _dkdv(q, k, v, do, indices, weights, lse, r, S, scale)

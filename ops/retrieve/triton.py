@@ -13,6 +13,7 @@ several programs, each writing a partial top-k that a small PyTorch step merges.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -22,6 +23,7 @@ import triton.language as tl
 
 
 MAX_TOPK = 64
+SMALL_MEMORY = 4096  # chunks: at most this many landmarks (1 MB at dr=128 in bf16) stay in L2
 MAX_DIM = 256
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 EMPTY_HIGH = -(2**31)  # high half of every empty or masked key: the image of no non-NaN float
@@ -220,16 +222,26 @@ def unsupported(qr: torch.Tensor, landmarks: torch.Tensor, topk: int, gumbel: fl
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _cores(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 for the CPU interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def plan(B: int, L: int, Hr: int, C: int, topk: int, device: torch.device,
          splits: int | None = None) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, chunks per split) for a launch; splits=None splits the chunks when too few
-    query blocks would fill the GPU (decoding against a long memory)."""
+    """(BLOCK_M, BLOCK_N, chunks per split) for a launch; splits=None picks them: with a memory small enough
+    to stay in L2, smaller query blocks fill the GPU; else, when too few query blocks would fill it
+    (decoding against a long memory), the chunks are split into ranges scanned in parallel."""
     block_m = min(64 if topk <= 16 else 32, max(16, triton.next_power_of_2(L)))
     block_n = 64
     if splits is None:
+        cores = _cores(device)
+        if C <= SMALL_MEMORY:
+            while block_m > 16 and triton.cdiv(L, block_m) * B * Hr < 2 * cores:
+                block_m //= 2
         programs = triton.cdiv(L, block_m) * B * Hr
-        cores = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        splits = max(1, min(triton.cdiv(4 * cores, programs), triton.cdiv(C, block_n)))
+        splits = 1 if programs >= cores else max(1, min(triton.cdiv(4 * cores, programs), triton.cdiv(C, block_n)))
     per_split = triton.cdiv(triton.cdiv(max(C, 1), splits), block_n) * block_n
     return block_m, block_n, per_split
 
