@@ -4,7 +4,8 @@ python -m benchmarks.long_context --presets tiny,small --mixers swa,mamba2 --len
     [--segment 4096] [--decode-steps 16] [--out benchmarks/results/long_context.md] [--profile]
 
 Random weights in bf16 on one CUDA GPU; the memory K/V are offloaded to pinned CPU memory when they would
-take more than --offload-above GiB of GPU memory. The dense baseline is a transformer of the same width and
+take more than --offload-above GiB of GPU memory; the cache reserves the whole memory up front
+(`new_cache(..., max_tokens=)`), so the peak never holds an old and a doubled buffer together. The dense baseline is a transformer of the same width and
 depth with full causal attention (SDPA) and a KV cache, run at the lengths where it fits.
 """
 
@@ -118,7 +119,7 @@ def run_hybrid(config: HSAHybridConfig, length: int, segment: int, decode_steps:
     kv_gib = 2 * length * config.num_kv_heads * config.head_dim * 2 / 2**30
     offload = kv_gib > offload_above
     torch.cuda.reset_peak_memory_stats()
-    cache = model.new_cache(1, offload=offload)
+    cache = model.new_cache(1, offload=offload, max_tokens=length + decode_steps)  # no doubling midway
     gen = torch.Generator(device="cuda").manual_seed(0)
     start = synchronize_time()
     for pos in tqdm(range(0, length, segment), desc=f"{name} {length:,}", unit="seg", leave=False):

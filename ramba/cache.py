@@ -90,8 +90,8 @@ class ChunkStore:
         pin = self.offload and torch.cuda.is_available()
         return torch.zeros(shape, device=self.kv_device, dtype=self.dtype, pin_memory=pin)
 
-    def _grow(self, needed: int) -> None:
-        cap = max(needed, 2 * self.capacity, 16)
+    def _grow(self, needed: int, exact: bool = False) -> None:
+        cap = needed if exact else max(needed, 2 * self.capacity, 16)
         cfg = self.config
         kv_bytes = 2 * self.count.shape[0] * cap * cfg.chunk_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
         free = _available_bytes(self.kv_device)
@@ -107,6 +107,11 @@ class ChunkStore:
         k[:, :self.k.shape[1]] = self.k
         v[:, :self.v.shape[1]] = self.v
         self.landmarks, self.k, self.v = landmarks, k, v
+
+    def reserve(self, chunks: int) -> None:
+        """Allocate room for `chunks` chunks per row now (no doubling later up to there), or raise MemoryError."""
+        if chunks > self.capacity:
+            self._grow(chunks, exact=True)
 
     def append(self, memory: ChunkMemory, new: torch.Tensor) -> None:
         """Append the first new[b] chunks of memory (landmarks [B, Q, Hr, dr], k, v [B, Q*S, H, D]) to row b."""
@@ -164,15 +169,19 @@ class HSACache:
     """Everything a model needs to continue from where it stopped; make one with `model.new_cache(batch_size)`."""
 
     def __init__(self, config: HSAHybridConfig, owner: object, batch_size: int, device: torch.device,
-                 dtype: torch.dtype, offload: bool = False):
+                 dtype: torch.dtype, offload: bool = False, max_tokens: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or not 0 <= max_tokens <= MAX_POSITION):
+            raise ValueError(f"max_tokens must be an integer in [0, {MAX_POSITION:,}] or None, got {max_tokens!r}")
         self.config, self.owner, self.batch_size, self.offload = config, owner, batch_size, offload
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens seen per row
         self.states = [new_mixer_state(config, i, batch_size, device, dtype) for i in range(config.n_layers)]
         self.pending = torch.zeros(batch_size, config.chunk_size, config.d_model, device=device, dtype=dtype)
         self.pending_len = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.store = ChunkStore(config, batch_size, device, dtype, offload)
+        if max_tokens:
+            self.store.reserve(-(-max_tokens // config.chunk_size))
         # the exact shortcut for all-SWA upper stacks keeps the lower-stack outputs of the upper receptive field:
         # hidden states [B, R, d], whether each is a real token [B, R], and their positions [B, R]
         self.context: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None

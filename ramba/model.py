@@ -86,11 +86,15 @@ class HSAHybrid(nn.Module):
 
     generate = generate
 
-    def new_cache(self, batch_size: int, offload: bool = False) -> HSACache:
+    def new_cache(self, batch_size: int, offload: bool = False, max_tokens: int | None = None) -> HSACache:
         """An empty inference cache for `model(input_ids, cache=cache)`; offload=True keeps the memory
-        keys/values in (pinned) CPU memory and brings only the selected chunks to the device."""
+        keys/values in (pinned) CPU memory and brings only the selected chunks to the device.
+
+        max_tokens: allocate the chunk memory for this many tokens per row at once, so that a long prefill
+        fails at the start (MemoryError) rather than midway, and never holds the old and the doubled buffers
+        together; longer inputs still work (the memory grows by doubling past it)."""
         weight = self.embed.weight
-        return HSACache(self.config, self, batch_size, weight.device, weight.dtype, offload)
+        return HSACache(self.config, self, batch_size, weight.device, weight.dtype, offload, max_tokens)
 
     # ------------------------------------------------------------------ forward
     def _check_ids(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> None:

@@ -152,6 +152,34 @@ def test_memory_that_does_not_fit_says_to_offload(monkeypatch):
         model(torch.randint(0, 50, (1, 40)), cache=model.new_cache(1))
 
 
+@pytest.mark.parametrize("offload", [False, True])
+@settings(max_examples=6, deadline=None)
+@given(reserve=st.integers(0, 120), length=st.integers(1, 120), seed=st.integers(0, 2**31 - 1))
+def test_reserved_memory_gives_the_same_logits_without_regrowing(offload, reserve, length, seed):
+    model = model_for("swa")
+    ids = torch.randint(0, 50, (2, length), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        plain = model(ids, cache=model.new_cache(2, offload=offload)).logits
+        cache = model.new_cache(2, offload=offload, max_tokens=reserve)
+        reserved = -(-reserve // 16)  # chunks of 16 tokens
+        assert cache.store.capacity == reserved and cache.store.k.shape[1] == reserved * 16
+        got = model(ids, cache=cache).logits
+    assert torch.allclose(got, plain, atol=1e-9)
+    assert cache.store.capacity == (reserved if length // 16 <= reserved else max(length // 16, 2 * reserved, 16))
+
+
+def test_reserving_more_than_fits_fails_at_once(monkeypatch):
+    import ramba.cache
+
+    model = HSAHybrid(small_config())
+    monkeypatch.setattr(ramba.cache, "_available_bytes", lambda device: 10**6)
+    with pytest.raises(MemoryError, match="offload=True"):
+        model.new_cache(1, max_tokens=10**6)
+    assert model.new_cache(1, max_tokens=160).store.capacity == 10
+    with pytest.raises(ValueError, match="max_tokens"):
+        model.new_cache(1, max_tokens=-1)
+
+
 @settings(max_examples=20, deadline=None)
 @given(length=st.integers(1, 70), cut=st.integers(0, 70), starts=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_ssd_scan_state_in_and_out(length, cut, starts, seed):
