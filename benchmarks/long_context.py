@@ -4,9 +4,10 @@ python -m benchmarks.long_context --presets tiny,small --mixers swa,mamba2 --len
     [--segment 4096] [--decode-steps 16] [--out benchmarks/results/long_context.md] [--profile]
 
 Random weights in bf16 on one CUDA GPU; the memory K/V are offloaded to pinned CPU memory when they would
-take more than --offload-above GiB of GPU memory; the cache reserves the whole memory up front
-(`new_cache(..., max_tokens=)`), so the peak never holds an old and a doubled buffer together. The dense baseline is a transformer of the same width and
-depth with full causal attention (SDPA) and a KV cache, run at the lengths where it fits.
+take more than --offload-above GiB of GPU memory. The cache reserves the whole memory up front
+(`new_cache(..., max_tokens=)`), so the peak never holds an old and a doubled buffer together. The dense
+baseline is a transformer of the same width and depth with full causal attention (SDPA) and a KV cache, run
+at the lengths where it fits.
 """
 
 from __future__ import annotations
