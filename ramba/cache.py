@@ -138,6 +138,18 @@ class ChunkStore:
         """Landmarks of the chunks so far, [B, max count, Hr, dr]; chunks past a row's count are never visible."""
         return self.landmarks[:, :int(self.count.max())]
 
+    def _gather(self, kv: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Chunks `rows` (row * capacity + chunk) of the CPU buffer kv [B, cap*S, H, D] -> [n, S*H*D] on the device.
+
+        index_select copies whole chunks at memory speed (several times faster than advanced indexing), into
+        pinned memory when the device is a GPU so that the copy to it needs no staging."""
+        chunks = kv.view(-1, self.config.chunk_size * kv.shape[2] * kv.shape[3])
+        if self.device.type != "cuda":
+            return torch.index_select(chunks, 0, rows).to(self.device)
+        out = torch.empty(rows.numel(), chunks.shape[1], dtype=kv.dtype, pin_memory=True)
+        torch.index_select(chunks, 0, rows, out=out)
+        return out.to(self.device, non_blocking=True)
+
     def for_aggregate(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Memory k, v and indices [B, L, H, K] ready for hsa_aggregate on the device.
 
@@ -154,12 +166,8 @@ class ChunkStore:
         table = torch.zeros(B, width, dtype=torch.long, device=indices.device)
         for b, p in enumerate(picked):
             table[b, :p.numel()] = p
-        rows = torch.arange(B)[:, None].expand(-1, width)
-        table_cpu = table.cpu()
-        k = self.k.view(B, -1, S, *self.k.shape[2:])[rows, table_cpu].flatten(1, 2)
-        v = self.v.view(B, -1, S, *self.v.shape[2:])[rows, table_cpu].flatten(1, 2)
-        if self.device.type == "cuda":
-            k, v = k.pin_memory().to(self.device, non_blocking=True), v.pin_memory().to(self.device, non_blocking=True)
+        flat = (torch.arange(B)[:, None] * self.capacity + table.cpu()).reshape(-1)  # row * capacity + chunk
+        k, v = (self._gather(kv, flat).view(B, width * S, *kv.shape[2:]) for kv in (self.k, self.v))
         renumbered = torch.stack([torch.searchsorted(p, row.reshape(-1).clamp(min=0)).view(row.shape)
                                   for p, row in zip(picked, indices)])
         return k, v, torch.where(indices >= 0, renumbered, -1)
