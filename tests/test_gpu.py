@@ -47,3 +47,19 @@ def test_model_on_gpu_matches_cpu(mixer):
     assert rel_err(out.logits.float().cpu(), ref.logits) < 3e-2
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in gpu_model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("mixer", ["swa", "mamba2"])
+def test_offloaded_cache_on_gpu_matches_resident(mixer):
+    """Segments then decoding with the memory in pinned CPU memory equal the same run with it on the GPU."""
+    torch.manual_seed(2)
+    model = HSAHybrid(HSAHybridConfig.preset("tiny", local_mixer=mixer)).cuda().eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 900), device="cuda")
+    outs = []
+    with torch.no_grad():
+        for offload in (False, True):
+            cache = model.new_cache(2, offload=offload)
+            logits = [model(ids[:, a:b], cache=cache).logits for a, b in ((0, 333), (333, 896))]
+            logits += [model(ids[:, t:t + 1], cache=cache).logits for t in range(896, 900)]
+            outs.append(torch.cat(logits, dim=1))
+    assert rel_err(outs[1], outs[0]) < 1e-5
