@@ -90,8 +90,8 @@ class ChunkStore:
         pin = self.offload and torch.cuda.is_available()
         return torch.zeros(shape, device=self.kv_device, dtype=self.dtype, pin_memory=pin)
 
-    def _grow(self, needed: int, exact: bool = False) -> None:
-        cap = needed if exact else max(needed, 2 * self.capacity, 16)
+    def _grow(self, cap: int) -> None:
+        """Move everything into buffers of `cap` chunks per row, or raise MemoryError when they cannot fit."""
         cfg = self.config
         kv_bytes = 2 * self.count.shape[0] * cap * cfg.chunk_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
         free = _available_bytes(self.kv_device)
@@ -111,7 +111,7 @@ class ChunkStore:
     def reserve(self, chunks: int) -> None:
         """Allocate room for `chunks` chunks per row now (no doubling later up to there), or raise MemoryError."""
         if chunks > self.capacity:
-            self._grow(chunks, exact=True)
+            self._grow(chunks)
 
     def append(self, memory: ChunkMemory, new: torch.Tensor) -> None:
         """Append the first new[b] chunks of memory (landmarks [B, Q, Hr, dr], k, v [B, Q*S, H, D]) to row b."""
@@ -120,7 +120,7 @@ class ChunkStore:
             return
         needed = int((self.count + new).max())
         if needed > self.capacity:
-            self._grow(needed)
+            self._grow(max(needed, 2 * self.capacity, 16))
         S = self.config.chunk_size
         slot = torch.arange(q, device=self.device)
         keep = slot[None] < new[:, None]                                        # [B, Q]
@@ -141,8 +141,8 @@ class ChunkStore:
     def _gather(self, kv: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Chunks `rows` (row * capacity + chunk) of the CPU buffer kv [B, cap*S, H, D] -> [n, S*H*D] on the device.
 
-        index_select copies whole chunks at memory speed (several times faster than advanced indexing), into
-        pinned memory when the device is a GPU so that the copy to it needs no staging."""
+        One index_select of whole chunks, written straight into pinned memory when the device is a GPU, so that
+        nothing is copied twice on the way."""
         chunks = kv.view(-1, self.config.chunk_size * kv.shape[2] * kv.shape[3])
         if self.device.type != "cuda":
             return torch.index_select(chunks, 0, rows).to(self.device)
