@@ -15,11 +15,11 @@ _logged: set[tuple[str, str]] = set()
 # kind -> the fast backends in order of preference, each with the package it needs
 FAST: dict[str, list[tuple[str, str]]] = {
     "swa": [("flash", "flash_attn"), ("flex", "torch")],
-    "mamba": [("cuda", "mamba_ssm")],
+    "mamba": [("cuda", "mamba_ssm"), ("compile", "torch")],
     "ops": [("triton", "triton")],
 }
 # fast backends that exist in this version of the library
-AVAILABLE: dict[str, set[str]] = {"swa": {"flash", "flex"}, "mamba": {"cuda"}, "ops": {"triton"}}
+AVAILABLE: dict[str, set[str]] = {"swa": {"flash", "flex"}, "mamba": {"cuda", "compile"}, "ops": {"triton"}}
 
 
 @functools.cache

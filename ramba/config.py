@@ -15,7 +15,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "retrieval_weights": ("softmax", "stick_breaking"),
     "hsa_residual": ("bypass", "standard"),
     "swa_backend": ("auto", "torch", "flex", "flash"),
-    "mamba_backend": ("auto", "torch", "cuda"),
+    "mamba_backend": ("auto", "torch", "compile", "cuda"),
     "ops_backend": ("auto", "torch", "triton"),
 }
 

@@ -1,5 +1,6 @@
-"""Mamba2's SSD scan and causal conv: pure-PyTorch references (the CUDA wrappers live in `.cuda`)."""
+"""Mamba2's SSD scan, causal conv and gated norm: pure-PyTorch references (compiled in `.compiled`, the
+mamba_ssm wrappers in `.cuda`)."""
 
-from .naive import causal_conv1d_ref, ssd_scan, ssd_step
+from .naive import causal_conv1d_ref, gated_rms_norm, ssd_scan, ssd_step
 
-__all__ = ["ssd_scan", "ssd_step", "causal_conv1d_ref"]
+__all__ = ["ssd_scan", "ssd_step", "causal_conv1d_ref", "gated_rms_norm"]

@@ -180,6 +180,15 @@ def causal_conv1d_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     return out.to(x.dtype)
 
 
+def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, group_size: int, eps: float) -> Tensor:
+    """Mamba2's output norm, `rmsnorm(y * silu(z)) * weight` over groups of `group_size` channels, in float32
+    (float64 for float64 inputs); y, z: [..., dim], weight: [dim] -> y's dtype."""
+    ct = torch.promote_types(y.dtype, torch.float32)
+    h = (y.to(ct) * F.silu(z.to(ct))).unflatten(-1, (-1, group_size))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h.flatten(-2) * weight.to(ct)).to(y.dtype)
+
+
 def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
              state: Tensor) -> tuple[Tensor, Tensor]:
     """One token of the SSD recurrence: state = exp(dt*A) state + dt B ⊗ x; y = C · state + D x.

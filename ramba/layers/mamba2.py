@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from ramba.backends import pick
 from ramba.config import HSAHybridConfig
 from ramba.cache import Mamba2State
-from ramba.ops.ssd import causal_conv1d_ref, ssd_scan, ssd_step
+from ramba.ops.ssd import causal_conv1d_ref, gated_rms_norm, ssd_scan, ssd_step
+from ramba.ops.ssd.compiled import causal_conv1d_compiled, gated_rms_norm_compiled, ssd_scan_compiled
 from ramba.ops.ssd.cuda import causal_conv1d_cuda, ssd_scan_cuda
 
 DT_MIN, DT_MAX, DT_INIT_FLOOR = 1e-3, 0.1, 1e-4
@@ -35,11 +36,9 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, y: Tensor, z: Tensor) -> Tensor:
-        ct = torch.promote_types(y.dtype, torch.float32)
-        h = (y.to(ct) * F.silu(z.to(ct))).unflatten(-1, (-1, self.group_size))
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h.flatten(-2) * self.weight.to(ct)).to(y.dtype)
+    def forward(self, y: Tensor, z: Tensor, compiled: bool = False) -> Tensor:
+        norm = gated_rms_norm_compiled if compiled else gated_rms_norm
+        return norm(y, z, self.weight, self.group_size, self.eps)
 
 
 def _no_weight_decay(param: nn.Parameter) -> nn.Parameter:
@@ -97,10 +96,11 @@ class Mamba2(nn.Module):
         """x: [B, L, d_model] -> [B, L, d_model]. With a state (inference), continue from it and update it;
         valid bool [B, L] marks real tokens (left padding is allowed before a row's first token)."""
         self._check_inputs(x, doc_ids)
+        backend = pick("mamba", self.backend, x.device)
         if state is not None:
-            return self._forward_cached(x, state, valid)
-        use_cuda = pick("mamba", self.backend, x.device) == "cuda"
-        conv, scan = (causal_conv1d_cuda, ssd_scan_cuda) if use_cuda else (causal_conv1d_ref, ssd_scan)
+            return self._forward_cached(x, state, valid, compiled=backend != "torch")
+        conv, scan = {"cuda": (causal_conv1d_cuda, ssd_scan_cuda), "torch": (causal_conv1d_ref, ssd_scan),
+                      "compile": (causal_conv1d_compiled, ssd_scan_compiled)}[backend]
         b, l, _ = x.shape
         seq_start = None if doc_ids is None else doc_starts(doc_ids.to(x.device))
 
@@ -118,17 +118,21 @@ class Mamba2(nn.Module):
             self.D,
             seq_start,
         )
-        return self.out_proj(self.norm(y.reshape(b, l, self.d_inner), z))
+        return self.out_proj(self.norm(y.reshape(b, l, self.d_inner), z, compiled=backend == "compile"))
 
-    def _forward_cached(self, x: Tensor, state: Mamba2State, valid: Tensor | None) -> Tensor:
+    def _forward_cached(self, x: Tensor, state: Mamba2State, valid: Tensor | None, compiled: bool) -> Tensor:
+        """The segment x continues from `state` (updated in place); compiled: the torch.compile'd ops for
+        segments of more than one token (the cached path never uses mamba_ssm)."""
         b, l, _ = x.shape
         z, xbc, dt = torch.split(self.in_proj(x), [self.d_inner, self.conv1d.in_channels, self.nheads], dim=-1)
         seq_start = None
         if valid is not None:  # padding feeds zeros to the conv and the state restarts at the first token
             xbc = xbc * valid[..., None].to(xbc.dtype)
             seq_start = valid & F.pad(~valid[:, :-1], (1, 0), value=False)
+        compiled = compiled and l > 1
         history = torch.cat([state.conv, xbc], dim=1)
-        conv = causal_conv1d_ref(history, self.conv1d.weight.squeeze(1), self.conv1d.bias)[:, -l:]
+        conv1d = causal_conv1d_compiled if compiled else causal_conv1d_ref
+        conv = conv1d(history, self.conv1d.weight.squeeze(1), self.conv1d.bias)[:, -l:]
         state.conv = history[:, history.shape[1] - state.conv.shape[1]:]
         xs, B, C = torch.split(F.silu(conv), [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state],
                                dim=-1)
@@ -140,6 +144,7 @@ class Mamba2(nn.Module):
             y, state.ssm = ssd_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, state.ssm)
             y = y[:, None]
         else:
-            y, state.ssm = ssd_scan(xs, dt, A, B, C, self.chunk_size, self.D, seq_start, initial_state=state.ssm,
-                                    return_final_state=True)
-        return self.out_proj(self.norm(y.reshape(b, l, self.d_inner), z))
+            scan = ssd_scan_compiled if compiled else ssd_scan
+            y, state.ssm = scan(xs, dt, A, B, C, self.chunk_size, self.D, seq_start, initial_state=state.ssm,
+                                return_final_state=True)
+        return self.out_proj(self.norm(y.reshape(b, l, self.d_inner), z, compiled=compiled))
