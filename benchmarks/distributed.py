@@ -29,11 +29,11 @@ MODES = ("single", "seed", "ddp", "fsdp")
 
 def launch_command(mode: str, processes: int, cpu: bool) -> tuple[list[str], dict[str, str]]:
     """The command (and extra environment) that starts RECIPE in `mode`."""
+    env = {"ACCELERATE_USE_CPU": "true"} if cpu else {}  # every mode on the CPU, even where a GPU is present
     if mode in ("single", "seed"):
-        return [sys.executable, RECIPE], {}
+        return [sys.executable, RECIPE], env
     if cpu:  # DDP only: accelerate has no FSDP on CPUs
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), RECIPE], \
-            {"ACCELERATE_USE_CPU": "true"}
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), RECIPE], env
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", ACCELERATE[mode],
             "--num_processes", str(processes), RECIPE], {}
 

@@ -3,6 +3,8 @@ with the whole global batch, and so must gradient accumulation."""
 
 import math
 
+from accelerate.state import AcceleratorState
+
 from benchmarks import distributed
 from benchmarks.distributed import read_metrics, smooth
 from ramba.training.config import load_run_config
@@ -25,7 +27,9 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path):
     assert "| ddp | 6 |" in (tmp_path / "d.md").read_text() and (tmp_path / "d.png").is_file()
 
 
-def test_accumulation_matches_one_large_batch(tmp_path):
+def test_accumulation_matches_one_large_batch(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # float32 on the CPU even where a GPU is present
+    AcceleratorState._reset_state(reset_partial_state=True)  # forget a device picked by an earlier test
     train(load_run_config(None, SMALL + ["train.batch_size=4", "train.log_every=1",
                                          f"train.output_dir={tmp_path / 'one'}"]))
     train(load_run_config(None, SMALL + ["train.batch_size=1", "train.grad_accum=4", "train.log_every=1",
