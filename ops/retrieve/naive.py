@@ -16,6 +16,12 @@ def visible_chunks(positions: torch.Tensor, chunk_size: int, num_chunks: int, wi
     return torch.div(limit, chunk_size, rounding_mode="floor").clamp(0, num_chunks)
 
 
+def divide_by_sqrt_dim(scores: torch.Tensor, dr: int) -> torch.Tensor:
+    """scores / sqrt(dr), a correctly rounded division on every device (like the kernel's). Dividing a CUDA
+    tensor by a Python number multiplies by its reciprocal instead, which can differ in the last bit."""
+    return scores / torch.full((), math.sqrt(dr), dtype=scores.dtype, device=scores.device)
+
+
 def retrieve_reference(
     qr: torch.Tensor,
     landmarks: torch.Tensor,
@@ -36,7 +42,7 @@ def retrieve_reference(
     B, L, Hr, dr = qr.shape
     C = landmarks.shape[1]
     dtype = torch.promote_types(qr.dtype, torch.float32)
-    scores = torch.einsum("blhd,bchd->blhc", qr.to(dtype), landmarks.to(dtype)) / math.sqrt(dr)
+    scores = divide_by_sqrt_dim(torch.einsum("blhd,bchd->blhc", qr.to(dtype), landmarks.to(dtype)), dr)
     chunk = torch.arange(C, device=qr.device)
     visible = chunk < visible_chunks(positions, chunk_size, C, window)[:, :, None, None]  # [B, L, 1, C]
     ranked = scores.detach()

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .naive import divide_by_sqrt_dim
 
 MAX_TOPK = 64
 SMALL_MEMORY = 4096  # chunks: at most this many landmarks (1 MB at dr=128 in bf16) stay in L2
@@ -163,7 +164,7 @@ class _SelectedScores(torch.autograd.Function):
             scores = torch.gather(every, -1, indices.clamp(min=0))
         else:
             scores = torch.einsum("blhd,blhkd->blhk", qr.float(), _gather(landmarks, indices))
-        return (scores / math.sqrt(dr)).masked_fill(indices < 0, float("-inf"))
+        return divide_by_sqrt_dim(scores, dr).masked_fill(indices < 0, float("-inf"))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
@@ -281,7 +282,7 @@ def _select(qr: torch.Tensor, landmarks: torch.Tensor, topk: int, positions: tor
     if gumbel > 0:  # the keys hold the perturbed scores
         return indices, None
     bits = torch.gather(high ^ ((high >> 31) & 0x7FFFFFFF), -1, order)  # the image maps back to the float bits
-    scores = (bits.view(torch.float32) / math.sqrt(dr)).masked_fill(indices < 0, float("-inf"))
+    scores = divide_by_sqrt_dim(bits.view(torch.float32), dr).masked_fill(indices < 0, float("-inf"))
     return indices, scores
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import parse_flag_from_env, set_seed
 from tqdm.auto import tqdm
 
 from ..config import HSAHybridConfig
@@ -142,7 +142,9 @@ class MetricsLog:
 def train(run: RunConfig, resume: bool | str = False) -> Path:
     """Run (or resume) the training that `run` describes; returns the folder of the final model."""
     t = run.train
-    precision = ("bf16" if torch.cuda.is_available() else "no") if t.mixed_precision == "auto" else t.mixed_precision
+    # auto: bf16 where accelerate will run on CUDA (not with ACCELERATE_USE_CPU set, even where a GPU is present)
+    on_cuda = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
+    precision = ("bf16" if on_cuda else "no") if t.mixed_precision == "auto" else t.mixed_precision
     # step_scheduler_with_optimizer=False: one schedule step per optimizer step, however many processes
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=t.grad_accum,
                               step_scheduler_with_optimizer=False,
