@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (no internet): install carried wheels, then run the chosen steps.
 # Carry .wheels (wheels for the machine's Python: pytest, hypothesis, accelerate, pyyaml, safetensors, tqdm,
-# matplotlib and their dependencies) and .thirdparty (the baselines, see benchmarks/kernels.py); neither is
+# matplotlib, pytest-xdist and their dependencies) and .thirdparty (the baselines, see benchmarks/kernels.py); neither is
 # committed. Outputs go to $OUT (or ./out).
 # Usage: STEPS="tests kernels training long" bash benchmarks/device_run.sh
 #   each step has its own time limit in seconds (TESTS_S, KERNELS_S, TRAINING_S, LONG_S, TRAIN_S, EVALS_S) and
@@ -12,9 +12,11 @@ set -u
 out="${OUT:-out}"; mkdir -p "$out"
 source benchmarks/device_setup.sh
 
-tests() {
-    timeout "${TESTS_S:-180}" python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py \
-        tests/test_aggregate_triton.py tests/test_retrieve_triton.py 2>&1 | tee "$out/gpu_tests.log" | tail -8
+tests() {  # TESTS: the test files (default: the whole suite), in TEST_WORKERS processes where pytest-xdist is installed
+    local workers=""
+    python3 -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-8}"
+    timeout "${TESTS_S:-300}" python3 -m pytest -q -rs -p no:cacheprovider $workers ${TESTS:-tests} 2>&1 \
+        | tee "$out/gpu_tests.log" | tail -12
 }
 kernels() {
     timeout "${KERNELS_S:-200}" python3 -m benchmarks.kernels ${KERNELS_ARGS:---quick} --out "$out/kernels.md" 2>&1 \
