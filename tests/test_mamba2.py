@@ -182,7 +182,7 @@ def test_cuda_path_matches_reference():
 def test_compiled_backend_matches_reference():
     """The torch.compile'd ops (Mamba2's path on CUDA without mamba_ssm) give the reference's outputs and
     gradients, in a full forward with documents and in a cached prefill of segments continued by one token."""
-    from ramba.cache import Mamba2State
+    from ramba.cache import new_mixer_state
 
     gen = torch.Generator().manual_seed(3)
     ref, fast = make_layer(), make_layer(mamba_backend="compile")
@@ -196,9 +196,7 @@ def test_compiled_backend_matches_reference():
     torch.testing.assert_close(g_fast, g_ref, rtol=1e-9, atol=1e-9)
 
     def cached(layer: Mamba2) -> torch.Tensor:
-        conv_dim = layer.conv1d.in_channels
-        state = Mamba2State(torch.zeros(2, 3, conv_dim, dtype=torch.float64),
-                            torch.zeros(2, layer.nheads, layer.headdim, layer.d_state, dtype=torch.float64))
+        state = new_mixer_state(make_config(local_mixer="mamba2"), 0, 2, torch.device("cpu"), torch.float64)
         with torch.no_grad():
             return torch.cat([layer(x[:, s:e].detach(), state=state) for s, e in [(0, 20), (20, 36), (36, 37)]], 1)
 
