@@ -15,8 +15,10 @@ source benchmarks/device_setup.sh
 tests() {  # TESTS: the test files (default: the whole suite), in TEST_WORKERS processes where pytest-xdist is installed
     local workers=""
     python3 -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-8}"
-    timeout "${TESTS_S:-300}" python3 -m pytest -q -rs -p no:cacheprovider $workers ${TESTS:-tests} 2>&1 \
-        | tee "$out/gpu_tests.log" | tail -12
+    # SIGINT at the limit: pytest then still prints its summary of the tests run so far
+    timeout -s INT -k 30 "${TESTS_S:-300}" python3 -m pytest -v -rfEs --durations=20 -p no:cacheprovider $workers \
+        ${TESTS:-tests} > "$out/gpu_tests.log" 2>&1
+    grep -E "FAILED|ERROR|passed|failed|Interrupted" "$out/gpu_tests.log" | tail -30
 }
 kernels() {
     timeout "${KERNELS_S:-200}" python3 -m benchmarks.kernels ${KERNELS_ARGS:---quick} --out "$out/kernels.md" 2>&1 \
