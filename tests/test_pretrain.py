@@ -83,13 +83,17 @@ def test_bad_config_keys_and_types_are_named(tmp_path):
         assert load_run_config(RECIPES / "configs" / f"{name}.yaml").model.preset == name
 
 
-def test_packed_corpus_keeps_documents_apart(tmp_path):
+def test_packed_corpus_keeps_documents_apart():
     docs = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11, 12, 13, 14, 15, 16]]
     rows = list(pack(iter(docs), 6, eos_id=0))
     flat = torch.cat([r["input_ids"] for r in rows]).tolist()
     assert flat == [1, 2, 3, 0, 4, 5, 6, 7, 8, 0, 9, 0, 10, 11, 12, 13, 14, 15]
     assert rows[0]["doc_ids"].tolist() == [0, 0, 0, 0, 1, 1] and rows[1]["doc_ids"].tolist() == [0, 0, 0, 0, 1, 1]
     assert rows[0]["labels"].tolist() == [-100, 2, 3, 0, -100, 5]
+
+
+def test_training_on_a_jsonl_corpus(tmp_path):
+    pytest.importorskip("datasets", reason="a local corpus is read through datasets (a dependency of ramba)")
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": "word " * n}) for n in range(20, 400, 7)))
     final = recipe().main(SMALL + ["train.steps=2", f"data.source={corpus}", f"train.output_dir={tmp_path / 'run'}"])

@@ -93,8 +93,10 @@ def _retrieve_kernel(
                       mask=col_ok[:, None] & (dims < dr)[None, :], other=0.0).to(DOT_DTYPE)
         s = tl.dot(q, tl.trans(lmk), input_precision=PRECISION)
         if GUMBEL:
-            zero = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
-            noise, _, _, _ = tl.philox(seed, cols[None, :] + zero, (b * L + rows)[:, None] + zero, h + zero, zero)
+            # counters (chunk, query row, head) all 32-bit: philox needs one width, and cols is 64-bit on GPUs
+            zero = tl.zeros((BLOCK_M, BLOCK_N), tl.uint32)
+            noise, _, _, _ = tl.philox(seed, cols[None, :].to(tl.uint32) + zero,
+                                       (b * L + rows)[:, None].to(tl.uint32) + zero, h.to(tl.uint32) + zero, zero)
             uniform = tl.maximum(tl.uint_to_uniform_float(noise), 1e-20)
             s = tl.math.div_rn(s, sqrt_dr) - gumbel * tl.log(-tl.log(uniform))
         # a cheap float test first (NaN passes, as a NaN key ranks above all): most tiles of a long memory
