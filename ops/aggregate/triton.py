@@ -22,8 +22,14 @@ HEAD_DIMS = (32, 64, 128)
 CHUNK_SIZES = (32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
-DKDV_ROWS = 64  # (pair, query head) rows per step of the dk/dv kernel
 DKDV_PROGRAMS = 512  # about this many dk/dv programs: several per SM, a long pair list split between them
+# Launch settings of the three kernels (`python -m benchmarks.aggregate_tuning` times the alternatives).
+# dkdv: "rows" (pair, query head) rows per step; without "num_warps", 8 warps for 128x64 tiles and up, else 4.
+LAUNCH: dict[str, dict[str, int]] = {
+    "fwd": {"num_warps": 4, "num_stages": 2},
+    "dq": {"num_warps": 4, "num_stages": 2},
+    "dkdv": {"rows": 64, "num_stages": 1},
+}
 
 
 @triton.jit
@@ -266,7 +272,7 @@ class _Aggregate(torch.autograd.Function):
                           q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                           v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
                           L, H, G, K, scale * LOG2E,
-                          S=chunk_size, D=D, BG=BG, OFF_BY_ONE=off_by_one, **_dot_flags(q), num_warps=4, num_stages=2)
+                          S=chunk_size, D=D, BG=BG, OFF_BY_ONE=off_by_one, **_dot_flags(q), **LAUNCH["fwd"])
         ctx.save_for_backward(q, k, v, indices, weights, lse)
         ctx.chunk_size, ctx.scale = chunk_size, scale
         return o
@@ -289,7 +295,7 @@ class _Aggregate(torch.autograd.Function):
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            L, H, G, K, scale * LOG2E, scale, S=S, D=D, BG=BG, **_dot_flags(q), num_warps=4, num_stages=2)
+            L, H, G, K, scale * LOG2E, scale, S=S, D=D, BG=BG, **_dot_flags(q), **LAUNCH["dq"])
         dk = dv = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             dk, dv = _dkdv(q, k, v, do, indices, weights, lse, r, S, scale)
@@ -305,7 +311,8 @@ def _dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, i
     G = HQ // H
     C = k.shape[1] // S
     BG = min(triton.next_power_of_2(G), 64)
-    BP = max(1, DKDV_ROWS // BG)
+    launch = dict(LAUNCH["dkdv"])
+    BP = max(1, launch.pop("rows") // BG)
     BS = min(S, 64)
     n_pairs = B * L * H * K
     seg_len = BP * triton.cdiv(triton.cdiv(n_pairs, DKDV_PROGRAMS), BP)
@@ -320,7 +327,7 @@ def _dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, i
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         L, H, G, C, K, n_segs, scale * LOG2E, scale,
-        BS=BS, D=D, BG=BG, BP=BP, **_dot_flags(q), num_warps=8 if D * BS >= 128 * 64 else 4, num_stages=1)
+        BS=BS, D=D, BG=BG, BP=BP, **_dot_flags(q), **{"num_warps": 8 if D * BS >= 128 * 64 else 4, **launch})
     return dk.to(k.dtype), dv.to(v.dtype)
 
 
