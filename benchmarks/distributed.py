@@ -29,7 +29,9 @@ MODES = ("single", "seed", "ddp", "fsdp")
 
 def launch_command(mode: str, processes: int, cpu: bool) -> tuple[list[str], dict[str, str]]:
     """The command (and extra environment) that starts RECIPE in `mode`."""
-    env = {"ACCELERATE_USE_CPU": "true"} if cpu else {}  # every mode on the CPU, even where a GPU is present
+    # every mode on the CPU, even where a GPU is present; the GPUs hidden too, as accelerate's barrier passes
+    # gloo a GPU index per process, which fails where there are fewer GPUs than processes
+    env = {"ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""} if cpu else {}
     if mode in ("single", "seed"):
         return [sys.executable, RECIPE], env
     if cpu:  # DDP only: accelerate has no FSDP on CPUs

@@ -23,13 +23,25 @@ CHUNK_SIZES = (32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 DKDV_PROGRAMS = 512  # about this many dk/dv programs: several per SM, a long pair list split between them
-# Launch settings of the three kernels (`python -m benchmarks.aggregate_tuning` times the alternatives).
-# dkdv: "rows" (pair, query head) rows per step; without "num_warps", 8 warps for 128x64 tiles and up, else 4.
+# Launch settings of the three kernels for 16-bit tiles of up to 16 query heads x 64 chunk tokens x head dim 64
+# (dkdv: "rows" (pair, query head) rows per step), the fastest of `python -m benchmarks.aggregate_tuning` on an
+# H200 (benchmarks/results/aggregate_tuning.md); larger or float32 tiles keep the settings of LARGE_TILES.
 LAUNCH: dict[str, dict[str, int]] = {
+    "fwd": {"num_warps": 1, "num_stages": 2},
+    "dq": {"num_warps": 1, "num_stages": 3},
+    "dkdv": {"rows": 128, "num_warps": 4, "num_stages": 2},
+}
+LARGE_TILES: dict[str, dict[str, int]] = {
     "fwd": {"num_warps": 4, "num_stages": 2},
     "dq": {"num_warps": 4, "num_stages": 2},
-    "dkdv": {"rows": 64, "num_stages": 1},
+    "dkdv": {"rows": 64, "num_warps": 8, "num_stages": 1},
 }
+
+
+def _launch(kernel: str, heads: int, chunk: int, head_dim: int, dtype: torch.dtype) -> dict[str, int]:
+    """The settings of `kernel` for tiles of `heads` query heads x `chunk` chunk tokens x `head_dim` in `dtype`."""
+    small = heads <= 16 and chunk <= 64 and head_dim <= 64 and dtype.itemsize == 2
+    return dict((LAUNCH if small else LARGE_TILES)[kernel])
 
 
 @triton.jit
@@ -272,7 +284,8 @@ class _Aggregate(torch.autograd.Function):
                           q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                           v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
                           L, H, G, K, scale * LOG2E,
-                          S=chunk_size, D=D, BG=BG, OFF_BY_ONE=off_by_one, **_dot_flags(q), **LAUNCH["fwd"])
+                          S=chunk_size, D=D, BG=BG, OFF_BY_ONE=off_by_one, **_dot_flags(q),
+                          **_launch("fwd", BG, chunk_size, D, q.dtype))
         ctx.save_for_backward(q, k, v, indices, weights, lse)
         ctx.chunk_size, ctx.scale = chunk_size, scale
         return o
@@ -295,7 +308,7 @@ class _Aggregate(torch.autograd.Function):
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            L, H, G, K, scale * LOG2E, scale, S=S, D=D, BG=BG, **_dot_flags(q), **LAUNCH["dq"])
+            L, H, G, K, scale * LOG2E, scale, S=S, D=D, BG=BG, **_dot_flags(q), **_launch("dq", BG, S, D, q.dtype))
         dk = dv = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             dk, dv = _dkdv(q, k, v, do, indices, weights, lse, r, S, scale)
@@ -311,9 +324,9 @@ def _dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, i
     G = HQ // H
     C = k.shape[1] // S
     BG = min(triton.next_power_of_2(G), 64)
-    launch = dict(LAUNCH["dkdv"])
-    BP = max(1, launch.pop("rows") // BG)
     BS = min(S, 64)
+    launch = _launch("dkdv", BG, BS, D, q.dtype)
+    BP = max(1, launch.pop("rows") // BG)
     n_pairs = B * L * H * K
     seg_len = BP * triton.cdiv(triton.cdiv(n_pairs, DKDV_PROGRAMS), BP)
     n_segs = min(B * H * C, n_pairs) + triton.cdiv(n_pairs, seg_len)
@@ -327,7 +340,7 @@ def _dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, i
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         L, H, G, C, K, n_segs, scale * LOG2E, scale,
-        BS=BS, D=D, BG=BG, BP=BP, **_dot_flags(q), **{"num_warps": 8 if D * BS >= 128 * 64 else 4, **launch})
+        BS=BS, D=D, BG=BG, BP=BP, **_dot_flags(q), **launch)
     return dk.to(k.dtype), dv.to(v.dtype)
 
 
