@@ -1,10 +1,11 @@
 """How quickly a model configuration learns to retrieve: short pass-key training runs from scratch.
 
-python -m benchmarks.learnability [--preset tiny] [--set hsa_residual=standard ...] [--length 1024]
-    [--min-length 256] [--max-depth 1.0] [--steps 700] [--batch-size 32] [--lr 1e-3] [--eval-every 100]
-    [--device cuda] [--out FILE] [--save DIR]
+python -m benchmarks.learnability [--preset tiny] [--set hsa_residual=standard ...] [--task passkey]
+    [--length 1024] [--min-length 256] [--max-depth 1.0] [--steps 700] [--batch-size 32] [--lr 1e-3]
+    [--eval-every 100] [--device cuda] [--out FILE] [--save DIR]
 
-Trains a fresh model on pass-key prompts only (loss on the answer tokens: a space, the key and the
+Trains a fresh model on the prompts of one task, pass keys by default, or another with number answers such
+as niah_multikey_1 (loss on the answer tokens: a space, the key and the
 end-of-sequence token, so that a saved model stops after the key as the benchmarks expect), prompt
 lengths drawn from [min-length, length], the needle at a depth drawn from [0, max-depth]. Every eval-every
 steps it prints the held-out answer loss, the fraction of answer tokens predicted right (teacher forcing)
@@ -38,15 +39,20 @@ class Scores:
     key_accuracy: float
 
 
-def passkey_batch(rng: random.Random, tokenizer: Tokenizer, size: int, min_length: int, length: int,
-                  max_depth: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids, labels [size, length + ANSWER_ROOM]: prompt, answer, right padding; labels -100 off the answer."""
+def task_batch(rng: random.Random, tokenizer: Tokenizer, size: int, min_length: int, length: int,
+               max_depth: float, task: str = "passkey") -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids, labels [size, length + ANSWER_ROOM]: prompt of `task`, answer, right padding; labels -100 off
+    the answer."""
     ids = torch.full((size, length + ANSWER_ROOM), tokenizer.pad_id, dtype=torch.long)
     labels = torch.full_like(ids, -100)
     for row in range(size):
         n = rng.randint(min_length, length)
-        sample = TASKS["passkey"](rng, tokenizer, n, depth=rng.uniform(0.0, max_depth))
+        sample = TASKS[task](rng, tokenizer, n, depth=rng.uniform(0.0, max_depth))
         answer = torch.tensor(tokenizer.encode(sample.target) + [tokenizer.eos_id])
+        if len(answer) > ANSWER_ROOM:
+            raise BenchmarkError(f"--task {task}: an answer of {len(answer)} tokens (end of sequence included) "
+                                 f"does not fit the {ANSWER_ROOM} this benchmark scores; take a task with "
+                                 "number answers (passkey, niah_single_1, niah_multikey_1, ...)")
         ids[row, :n] = sample.prompt_ids
         ids[row, n:n + len(answer)] = answer
         labels[row, n:n + len(answer)] = answer
@@ -112,20 +118,22 @@ def run(args: argparse.Namespace) -> list[str]:
     model = HSAHybrid(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / args.warmup))
+    if args.task not in TASKS:
+        raise BenchmarkError(f"--task {args.task!r}: choose one of {', '.join(sorted(TASKS))}")
     batch = dict(tokenizer=tokenizer, size=args.batch_size, min_length=args.min_length, length=args.length,
-                 max_depth=args.max_depth)
+                 max_depth=args.max_depth, task=args.task)
     try:
-        passkey_batch(random.Random(args.seed), **{**batch, "size": 1, "length": args.min_length})
+        task_batch(random.Random(args.seed), **{**batch, "size": 1, "length": args.min_length})
     except TaskError as err:
         raise BenchmarkError(f"{err}: raise --min-length") from None
-    held_out = [passkey_batch(random.Random(args.seed + 1000 + i), **batch) for i in range(args.eval_batches)]
+    held_out = [task_batch(random.Random(args.seed + 1000 + i), **batch) for i in range(args.eval_batches)]
     rng = random.Random(args.seed)
     rows = ["| step | train loss | held-out loss | answer tokens right | keys right | seconds |",
             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
     print("\n".join(rows), flush=True)
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        ids, labels = passkey_batch(rng, **batch)
+        ids, labels = task_batch(rng, **batch)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = model(ids.to(device), labels=labels.to(device)).loss
         loss.backward()
@@ -148,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="a config field to change, repeatable, e.g. --set hsa_residual=standard --set window=32")
+    p.add_argument("--task", default="passkey", help="the task of every prompt (ramba.data.tasks; number answers)")
     p.add_argument("--length", type=int, default=1024, help="longest prompt in tokens")
     p.add_argument("--min-length", type=int, default=256, help="shortest prompt in tokens")
     p.add_argument("--max-depth", type=float, default=1.0, help="deepest needle, a fraction of the haystack")

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from benchmarks.learnability import ANSWER_ROOM, answer_scores, main, passkey_batch
+from benchmarks.learnability import ANSWER_ROOM, answer_scores, main, task_batch
 from ramba.data.tasks.passkey import NEEDLE
 from ramba import HSAHybrid
 from ramba.tokenizer import ByteTokenizer
@@ -15,7 +15,7 @@ from ramba.tokenizer import ByteTokenizer
 @pytest.mark.parametrize("max_depth", [0.0, 0.3, 1.0])
 def test_batches_label_only_the_key_and_keep_the_needle_shallow(max_depth):
     tok = ByteTokenizer()
-    ids, labels = passkey_batch(random.Random(3), tok, 6, 200, 300, max_depth)
+    ids, labels = task_batch(random.Random(3), tok, 6, 200, 300, max_depth)
     assert ids.shape == labels.shape == (6, 300 + ANSWER_ROOM)
     for row_ids, row_labels in zip(ids, labels):
         answer = row_labels[row_labels != -100].tolist()
@@ -63,3 +63,18 @@ def test_bad_arguments_are_named():
         main(["--length", "64", "--min-length", "128", "--steps", "1"])
     with pytest.raises(SystemExit, match="too short.*raise --min-length"):
         main(["--length", "64", "--min-length", "32", "--steps", "1"])
+    with pytest.raises(SystemExit, match="niah_multikey_1"):
+        main(["--task", "niah_multikey", "--steps", "1"])
+    with pytest.raises(SystemExit, match="does not fit"):
+        main(["--task", "cwe", "--length", "2048", "--min-length", "1024", "--steps", "1"])
+
+
+def test_multikey_batches_ask_one_of_several_keys():
+    tok = ByteTokenizer()
+    ids, labels = task_batch(random.Random(5), tok, 4, 500, 600, 1.0, task="niah_multikey_1")
+    for row_ids, row_labels in zip(ids, labels):
+        answer = tok.decode(row_labels[row_labels != -100].tolist()[:-1]).strip()
+        start = int((row_labels != -100).nonzero()[0])
+        prompt = tok.decode(row_ids[:start].tolist())
+        numbers = re.findall(r"\d{7}", prompt)
+        assert answer in numbers and len(set(numbers)) >= 2  # the asked value among the others
