@@ -13,8 +13,10 @@ out="${OUT:-out}"; mkdir -p "$out"
 source benchmarks/device_setup.sh
 
 tests() {  # TESTS: the test files (default: the whole suite), in TEST_WORKERS processes where pytest-xdist is installed
-    local workers=""
-    python3 -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-8}"
+    local workers="" n="${TEST_WORKERS:-8}"
+    if python3 -c "import xdist" 2>/dev/null; then  # CPU threads shared out: 12 workers x all cores starved each other
+        workers="-n $n"; local -x OMP_NUM_THREADS=$(( $(nproc) / n > 0 ? $(nproc) / n : 1 ))
+    fi
     # SIGINT at the limit: pytest then still prints its summary of the tests run so far
     timeout -s INT -k 30 "${TESTS_S:-300}" python3 -m pytest -v -rfEs --durations=20 -p no:cacheprovider $workers \
         ${TESTS:-tests} > "$out/gpu_tests.log" 2>&1
