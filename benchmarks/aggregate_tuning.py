@@ -27,8 +27,8 @@ from ramba.ops.aggregate import triton as agg
 GRID = {
     "fwd": [{"num_warps": w, "num_stages": s} for w, s in itertools.product((1, 2, 4, 8), (1, 2, 3))],
     "dq": [{"num_warps": w, "num_stages": s} for w, s in itertools.product((1, 2, 4, 8), (1, 2, 3))],
-    "dkdv": [{"rows": r, "num_warps": w, "num_stages": s}
-             for r, w, s in itertools.product((32, 64, 128), (4, 8), (1, 2))],
+    "dkdv": [{"rows": r, "programs": n, "num_warps": w, "num_stages": s}
+             for r, n, w, s in itertools.product((64, 128), (512, 2048), (4, 8), (1, 2))],
 }
 SHAPES = "8x4096x16x1,2x16384x32x2"
 TOL = 2e-2  # relative norm error between two settings, both bf16

@@ -22,19 +22,19 @@ HEAD_DIMS = (32, 64, 128)
 CHUNK_SIZES = (32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
-DKDV_PROGRAMS = 512  # about this many dk/dv programs: several per SM, a long pair list split between them
-# Launch settings of the three kernels for 16-bit tiles of up to 16 query heads x 64 chunk tokens x head dim 64
-# (dkdv: "rows" (pair, query head) rows per step), the fastest of `python -m benchmarks.aggregate_tuning` on an
-# H200 (benchmarks/results/aggregate_tuning.md); larger or float32 tiles keep the settings of LARGE_TILES.
+# Launch settings of the three kernels for 16-bit tiles of up to 16 query heads x 64 chunk tokens x head dim 64,
+# the fastest of `python -m benchmarks.aggregate_tuning` on an H200 (benchmarks/results/aggregate_tuning.md);
+# larger or float32 tiles keep the settings of LARGE_TILES. dkdv: "rows" (pair, query head) rows per step, and
+# about "programs" programs (several per SM; a long pair list is split between them).
 LAUNCH: dict[str, dict[str, int]] = {
     "fwd": {"num_warps": 1, "num_stages": 2},
     "dq": {"num_warps": 1, "num_stages": 3},
-    "dkdv": {"rows": 128, "num_warps": 4, "num_stages": 2},
+    "dkdv": {"rows": 128, "programs": 512, "num_warps": 4, "num_stages": 2},
 }
 LARGE_TILES: dict[str, dict[str, int]] = {
     "fwd": {"num_warps": 4, "num_stages": 2},
     "dq": {"num_warps": 4, "num_stages": 2},
-    "dkdv": {"rows": 64, "num_warps": 8, "num_stages": 1},
+    "dkdv": {"rows": 64, "programs": 512, "num_warps": 8, "num_stages": 1},
 }
 
 
@@ -328,7 +328,7 @@ def _dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, i
     launch = _launch("dkdv", BG, BS, D, q.dtype)
     BP = max(1, launch.pop("rows") // BG)
     n_pairs = B * L * H * K
-    seg_len = BP * triton.cdiv(triton.cdiv(n_pairs, DKDV_PROGRAMS), BP)
+    seg_len = BP * triton.cdiv(triton.cdiv(n_pairs, launch.pop("programs")), BP)
     n_segs = min(B * H * C, n_pairs) + triton.cdiv(n_pairs, seg_len)
     pairs, offsets = route_pairs(indices, C)
     segs = split_segments(offsets, seg_len, n_segs)
