@@ -146,7 +146,7 @@ def train(run: RunConfig, resume: bool | str = False) -> Path:
     on_cuda = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
     precision = ("bf16" if on_cuda else "no") if t.mixed_precision == "auto" else t.mixed_precision
     # step_scheduler_with_optimizer=False: one schedule step per optimizer step, however many processes
-    # cpu= passed on: accelerate reads ACCELERATE_USE_CPU only where nothing set up its state before
+    # cpu= by the same rule as the precision, so that the device and the precision always agree
     accelerator = Accelerator(cpu=not on_cuda, mixed_precision=precision, gradient_accumulation_steps=t.grad_accum,
                               step_scheduler_with_optimizer=False,
                               log_with="tensorboard" if t.tensorboard else None, project_dir=t.output_dir)
