@@ -14,13 +14,15 @@ Times are medians of triton.testing.do_bench (L2 flushed before every call).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from benchmarks.kernels import Bench, agg_inputs, generator, log, rel_err, table
+from benchmarks.kernels import AggInputs, Bench, agg_inputs, generator, log, rel_err, table
 from ramba.ops import hsa_aggregate
 from ramba.ops.aggregate import triton as agg
 
@@ -44,7 +46,10 @@ def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
     return shapes
 
 
-def runs(x, grads_of: tuple[str, ...]):
+GRADS = {"fwd": ("q",), "dq": ("q", "weights"), "dkdv": ("q", "k", "v", "weights")}  # what each call differentiates
+
+
+def runs(x: AggInputs, grads_of: tuple[str, ...]) -> tuple[Callable[[], object], Callable[[], object]]:
     """(forward, forward+backward) closures over the shape's inputs; the backward differentiates `grads_of`,
     and the inputs not in it are detached (so that k, v left out skip the dk/dv kernel)."""
     inputs = {name: getattr(x, name) if name in grads_of else getattr(x, name).detach()
@@ -62,29 +67,30 @@ def runs(x, grads_of: tuple[str, ...]):
     return forward, both
 
 
-def outputs(kernel: str, x) -> list[torch.Tensor]:
+def timed(kernel: str, x: AggInputs) -> Callable[[], object]:
+    """The call whose time `kernel`'s setting changes: the forward (fwd), forward and backward without dk/dv
+    (dq), or with it (dkdv)."""
+    forward, both = runs(x, GRADS[kernel])
+    return forward if kernel == "fwd" else both
+
+
+def outputs(kernel: str, x: AggInputs) -> list[torch.Tensor]:
     """What `kernel`'s setting can change: the output, or the gradients it computes."""
-    forward, both = runs(x, ("q", "weights") if kernel == "dq" else ("q", "k", "v", "weights"))
-    with torch.no_grad():
-        out = forward()
-    return [out] if kernel == "fwd" else list(both())
+    with torch.no_grad() if kernel == "fwd" else contextlib.nullcontext():
+        out = timed(kernel, x)()
+    return [out] if kernel == "fwd" else list(out)
 
 
-def shares(bench: Bench, x) -> list[str]:
+def shares(bench: Bench, x: AggInputs) -> list[str]:
     """Current settings: forward, forward + backward without dk/dv, forward + backward (ms)."""
-    fwd, _ = runs(x, ("q",))
-    _, no_dkdv = runs(x, ("q", "weights"))
-    _, full = runs(x, ("q", "k", "v", "weights"))
-    return [f"{bench.time(fn):.3g}" for fn in (fwd, no_dkdv, full)]
+    return [f"{bench.time(timed(kernel, x)):.3g}" for kernel in GRADS]
 
 
-def sweep(bench: Bench, kernel: str, x) -> list[list[str]]:
+def sweep(bench: Bench, kernel: str, x: AggInputs) -> list[list[str]]:
     """One row per setting of `kernel`: the setting, its time, its time over the current setting's."""
     current = dict(agg.LAUNCH[kernel])
     expected = outputs(kernel, x)
-    fwd, full = runs(x, ("q", "k", "v", "weights"))
-    _, no_dkdv = runs(x, ("q", "weights"))
-    fn = {"fwd": fwd, "dq": no_dkdv, "dkdv": full}[kernel]
+    fn = timed(kernel, x)
     rows = []
     try:
         base = bench.time(fn)

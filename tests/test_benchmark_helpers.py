@@ -1,10 +1,10 @@
-"""The GPU-free parts of benchmarks/kernels.py: the random causal selections, the FLOP and byte counts, the exit
-without CUDA."""
+"""The GPU-free parts of benchmarks/kernels.py and benchmarks/aggregate_tuning.py: the random causal selections,
+the FLOP and byte counts, the argument checks, the exit without CUDA."""
 
 import pytest
 import torch
 
-from benchmarks import kernels
+from benchmarks import aggregate_tuning, kernels
 from benchmarks.kernels import aggregate_bytes, aggregate_flops, causal_selection, random_weights
 
 
@@ -84,3 +84,17 @@ def test_without_cuda_the_benchmark_exits_with_a_message():
 def test_unknown_sections_are_refused():
     with pytest.raises(SystemExit):
         kernels.main(["--sections", "check,nonsense"])
+
+
+def test_tuning_reads_shapes_and_refuses_bad_ones():
+    assert aggregate_tuning.parse_shapes("8x4096x16x1,2x16384x32x2") == [(8, 4096, 16, 1), (2, 16384, 32, 2)]
+    with pytest.raises(SystemExit, match="BxLxHQxH"):
+        aggregate_tuning.parse_shapes("8x4096x16")
+    with pytest.raises(SystemExit):
+        aggregate_tuning.main(["--kernels", "fwd,nonsense"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without CUDA")
+def test_without_cuda_the_tuning_exits_with_a_message():
+    with pytest.raises(SystemExit, match="torch.cuda.is_available"):
+        aggregate_tuning.main([])
