@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from benchmarks.kernels import AggInputs, Bench, agg_inputs, generator, log, rel_err, table
+from benchmarks.kernels import AggInputs, Bench, agg_inputs, generator, log, rel_err, table, write_report
 from ramba.ops import hsa_aggregate
 from ramba.ops.aggregate import triton as agg
 
@@ -135,11 +135,7 @@ def main(argv: list[str] | None = None) -> None:
                       + table(["kernel", "setting", "ms", "over current"], rows))
         del x
         torch.cuda.empty_cache()
-    report = "\n\n".join(blocks) + "\n"
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+    write_report(blocks, args.out)
 
 
 if __name__ == "__main__":

@@ -529,6 +529,15 @@ def preamble(argv: list[str], rates: tuple[float, float]) -> str:
             "passes them. Floors: FLOPs over the measured matmul rate, fewest bytes over the measured copy rate.")
 
 
+def write_report(blocks: list[str], out: Path | None) -> None:
+    """Print the markdown blocks as one report, and also write it to `out` when given."""
+    report = "\n\n".join(blocks) + "\n"
+    print(report)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report)
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -564,11 +573,7 @@ def main(argv: list[str] | None = None) -> None:
         blocks.append(decode_section(bench, args.quick))
     if bench.notes:
         blocks.append("Notes:\n\n" + "\n".join(f"- {n}" for n in bench.notes))
-    report = "\n\n".join(blocks) + "\n"
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+    write_report(blocks, args.out)
 
 
 if __name__ == "__main__":
