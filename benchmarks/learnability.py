@@ -103,6 +103,8 @@ def run(args: argparse.Namespace) -> list[str]:
         raise BenchmarkError(f"--min-length must lie in [16, --length={args.length}], got {args.min_length}")
     if not 0.0 <= args.max_depth <= 1.0:
         raise BenchmarkError(f"--max-depth must lie in [0, 1], got {args.max_depth}")
+    if args.task not in TASKS:
+        raise BenchmarkError(f"--task {args.task!r}: choose one of {', '.join(sorted(TASKS))}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     autocast = device.type == "cuda" and not args.fp32
     torch.manual_seed(args.seed)
@@ -118,8 +120,6 @@ def run(args: argparse.Namespace) -> list[str]:
     model = HSAHybrid(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / args.warmup))
-    if args.task not in TASKS:
-        raise BenchmarkError(f"--task {args.task!r}: choose one of {', '.join(sorted(TASKS))}")
     batch = dict(tokenizer=tokenizer, size=args.batch_size, min_length=args.min_length, length=args.length,
                  max_depth=args.max_depth, task=args.task)
     try:
