@@ -30,7 +30,7 @@ GRID = {
     "fwd": [{"num_warps": w, "num_stages": s} for w, s in itertools.product((1, 2, 4, 8), (1, 2, 3))],
     "dq": [{"num_warps": w, "num_stages": s} for w, s in itertools.product((1, 2, 4, 8), (1, 2, 3))],
     "dkdv": [{"rows": r, "programs": n, "num_warps": w, "num_stages": s}
-             for r, n, w, s in itertools.product((64, 128), (512, 2048), (4, 8), (1, 2))],
+             for r, n, w, s in itertools.product((64, 128, 256), (512, 2048), (4, 8), (1, 2))],
 }
 SHAPES = "8x4096x16x1,2x16384x32x2"
 TOL = 2e-2  # relative norm error between two settings, both bf16
@@ -59,7 +59,7 @@ def runs(x: AggInputs, grads_of: tuple[str, ...]) -> tuple[Callable[[], object],
 
     def forward():
         return hsa_aggregate(inputs["q"], inputs["k"], inputs["v"], x.indices, inputs["weights"], 64,
-                             backend="triton")
+                             backend="triton", check_indices=False)
 
     def both():
         return torch.autograd.grad(forward(), leaves, grad)

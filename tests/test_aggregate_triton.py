@@ -149,7 +149,10 @@ def test_skewed_selection_on_gpu():
 def test_reverse_index_lists_every_pair_once_under_its_chunk(B, L, H, K, C, seg_len):
     g = torch.Generator().manual_seed(B * 100 + L)
     indices = torch.randint(0, C, (B, L, H, K), generator=g).masked_fill(torch.rand(B, L, H, K, generator=g) < 0.3, -1)
-    pairs, offsets = route_pairs(indices.to(DEVICE), C)
+    wild = indices.masked_fill(torch.rand(B, L, H, K, generator=g) < 0.1, C)  # out of range: routed as empty slots
+    wild = wild.masked_fill(torch.rand(B, L, H, K, generator=g) < 0.1, -3)
+    indices = torch.where((wild >= 0) & (wild < C), wild, -1)
+    pairs, offsets = route_pairs(wild.to(DEVICE), C)
     pairs, offsets = pairs.cpu(), offsets.cpu()
     n_valid = int((indices >= 0).sum())
     assert offsets.shape == (B * H * C + 1,) and int(offsets[0]) == 0 and int(offsets[-1]) == n_valid
@@ -194,6 +197,31 @@ def test_gradients_for_some_inputs_only():
     assert_close(dq, ref_dq, 1e-3, "dq")
     assert_close(dw, ref_dw, 1e-3, "dweights")
 
+
+@pytest.mark.parametrize("impl", ["triton", "torch", "reference"])
+def test_unchecked_out_of_range_indices_are_empty_slots(impl):
+    """check_indices=False: an index outside [-1, C) reads nothing on every path, forward and backward."""
+    q, k, v, indices, weights = make_inputs(32, 2, 5, 2, 2, 32, 3, 4, 0.2, False, 7, torch.float32)
+    g = torch.Generator().manual_seed(8)
+    wild = torch.tensor([-7, -2, 3, 4, 1000])[torch.randint(0, 5, indices.shape, generator=g)].to(indices.device)
+    bad = torch.where(torch.rand(indices.shape, generator=g).to(indices.device) < 0.4, wild, indices)
+    as_empty = torch.where((bad >= 0) & (bad < 3), bad, -1)
+    inputs = [t.detach().requires_grad_() for t in (q, k, v, weights)]
+    if impl == "reference":
+        out = aggregate_reference(*inputs[:3], bad, inputs[3], 32, 0.2)
+    else:
+        out = hsa_aggregate(*inputs[:3], bad, inputs[3], 32, 0.2, backend=impl, check_indices=False)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, dout)
+    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v, weights)]
+    ref = aggregate_reference(*ref_inputs[:3], as_empty, ref_inputs[3], 32, 0.2)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, dout.double())
+    assert_close(out, ref, TOL[torch.float32], "o")
+    for name, grad, ref_grad in zip(("dq", "dk", "dv", "dweights"), grads, ref_grads):
+        assert_close(grad, ref_grad, TOL[torch.float32], name)
+    assert bool((grads[3][as_empty < 0] == 0).all())
+    with pytest.raises(IndexError, match="indices must lie in"):
+        hsa_aggregate(q, k, v, bad, weights, 32, 0.2, backend=impl if impl != "reference" else "torch")
 
 @pytest.mark.parametrize("L,C,K", [(0, 2, 3), (3, 0, 3), (3, 2, 0)])
 def test_degenerate_shapes(L, C, K):

@@ -17,7 +17,7 @@ DENSE_RATIO = 4
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-           chunk_size: int) -> None:
+           chunk_size: int, check_indices: bool) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"hsa_aggregate: q, k, v must be 4-D ([B, L, HQ, D], [B, Lk, H, D]), got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -39,10 +39,13 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Ten
     for name, t in (("q", q), ("k", k), ("v", v), ("weights", weights)):
         if not t.is_floating_point():
             raise TypeError(f"hsa_aggregate: {name} must be floating point, got {t.dtype}")
+    if not check_indices or not indices.numel():
+        return
     num_chunks = k.shape[1] // chunk_size
-    if indices.numel() and (int(indices.min()) < -1 or int(indices.max()) >= num_chunks):
+    low, high = torch.stack(torch.aminmax(indices)).tolist()  # the one device sync of the op
+    if low < -1 or high >= num_chunks:
         raise IndexError(f"hsa_aggregate: indices must lie in [-1, {num_chunks}) (the memory holds {num_chunks} "
-                         f"chunks), got values in [{int(indices.min())}, {int(indices.max())}]")
+                         f"chunks), got values in [{low}, {high}]")
 
 
 def hsa_aggregate(
@@ -55,6 +58,7 @@ def hsa_aggregate(
     scale: float | None = None,
     softmax_off_by_one: bool = False,
     backend: str = "auto",
+    check_indices: bool = True,
 ) -> torch.Tensor:
     """Attend to the selected chunks and mix the per-chunk outputs with the retrieval weights.
 
@@ -64,8 +68,11 @@ def hsa_aggregate(
     the S tokens of chunk c_i (plus 1 in the denominator with `softmax_off_by_one`); slots with index -1
     contribute nothing. scale defaults to 1/sqrt(D). Differentiable w.r.t. q, k, v and weights.
     backend: "auto" (the Triton kernels for CUDA inputs they support, else PyTorch), "triton" or "torch".
+    check_indices: raise IndexError for an index outside [-1, C) before any kernel runs. The check waits for
+    the device (one sync); pass False for indices from hsa_retrieve. Unchecked, every backend treats such an
+    index as an empty slot: nothing reads outside k and v.
     """
-    _check(q, k, v, indices, weights, chunk_size)
+    _check(q, k, v, indices, weights, chunk_size, check_indices)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if pick("ops", backend, q.device) == "triton":
         from . import triton as fused

@@ -19,7 +19,7 @@ def aggregate_reference(
     """o[t, h] = sum_i w[t, h//G, i] * softmax_j(q[t, h] . k[c_i*S + j] * scale) v[c_i*S + j].
 
     q [B, L, HQ, D]; k, v [B, C*S, H, D]; indices, weights [B, L, H, K] -> o [B, L, HQ, D] in q's dtype.
-    Slots with index -1 contribute nothing. Computed in float32 (float64 inputs stay float64).
+    Slots with index -1 (or any index outside [0, C)) contribute nothing. Computed in float32 (float64 inputs stay float64).
     Memory is O(B * L * H * K * S * D): this is the ground truth, not the fast path.
     """
     B, L, HQ, D = q.shape
@@ -30,11 +30,11 @@ def aggregate_reference(
         k = k.new_zeros(B, S, H, D)
         v = v.new_zeros(B, S, H, D)
     C = k.shape[1] // S
-    valid = indices >= 0
+    valid = (indices >= 0) & (indices < C)
     # flat row of (b, h, c) in a [B*H*C, S, D] view of the chunks
     b_idx = torch.arange(B, device=q.device)[:, None, None, None]
     h_idx = torch.arange(H, device=q.device)[None, None, :, None]
-    rows = (b_idx * H + h_idx) * C + indices.clamp(min=0)
+    rows = (b_idx * H + h_idx) * C + torch.where(valid, indices, 0)
     kc = k.to(dtype).view(B, C, S, H, D).permute(0, 3, 1, 2, 4).reshape(B * H * C, S, D)[rows]
     vc = v.to(dtype).view(B, C, S, H, D).permute(0, 3, 1, 2, 4).reshape(B * H * C, S, D)[rows]
     # kc, vc: [B, L, H, K, S, D]
@@ -73,7 +73,7 @@ def aggregate_dense(
     G = HQ // H
     C = k.shape[1] // S
     dtype = torch.promote_types(q.dtype, torch.float32)
-    valid = indices >= 0
+    valid = (indices >= 0) & (indices < C)
     dense_w = torch.zeros(B, L, H, C + 1, dtype=dtype, device=q.device)  # column C collects empty slots
     dense_w = dense_w.scatter_add(-1, torch.where(valid, indices, C), torch.where(valid, weights.to(dtype), 0.0))
     qh = q.to(dtype).view(B, L, H, G, D).permute(0, 2, 3, 1, 4)  # [B, H, G, L, D]

@@ -29,7 +29,7 @@ LOG2E = 1.4426950408889634
 LAUNCH: dict[str, dict[str, int]] = {
     "fwd": {"num_warps": 1, "num_stages": 2},
     "dq": {"num_warps": 1, "num_stages": 3},
-    "dkdv": {"rows": 128, "programs": 512, "num_warps": 4, "num_stages": 2},
+    "dkdv": {"rows": 128, "programs": 2048, "num_warps": 4, "num_stages": 2},
 }
 LARGE_TILES: dict[str, dict[str, int]] = {
     "fwd": {"num_warps": 4, "num_stages": 2},
@@ -57,10 +57,13 @@ def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 @triton.jit
 def _fwd_kernel(Q, K, V, IDX, W, O, LSE,
                 sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
-                L, H, G, NSLOT, scale_log2,
+                L, H, G, C, NSLOT, scale_log2,
                 S: tl.constexpr, D: tl.constexpr, BG: tl.constexpr, OFF_BY_ONE: tl.constexpr,
                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """One program per (token, b * kv head, block of BG query heads); loops over the K slots."""
+    """One program per (token, b * kv head, block of BG query heads); loops over the K slots.
+
+    A slot whose index lies outside [0, C) reads nothing and contributes nothing, like an empty slot (-1).
+    """
     t = tl.program_id(0).to(tl.int64)
     b = (tl.program_id(1) // H).to(tl.int64)
     h = (tl.program_id(1) % H).to(tl.int64)
@@ -76,6 +79,7 @@ def _fwd_kernel(Q, K, V, IDX, W, O, LSE,
     acc = tl.zeros([BG, D], dtype=tl.float32)
     for i in range(NSLOT):
         c = tl.load(IDX + row * NSLOT + i).to(tl.int64)
+        c = tl.where(c < C, c, -1)
         valid = c >= 0
         w = tl.where(valid, tl.load(W + row * NSLOT + i), 0.0)
         c_rows = tl.zeros([S, 1], dtype=tl.int64) + c  # a block, not a splat of the scalar mask
@@ -99,7 +103,7 @@ def _fwd_kernel(Q, K, V, IDX, W, O, LSE,
 @triton.jit
 def _dq_kernel(Q, K, V, DO, IDX, W, LSE, DQ, DW, R,
                sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, sob, sot, soh,
-               L, H, G, NSLOT, scale_log2, scale,
+               L, H, G, C, NSLOT, scale_log2, scale,
                S: tl.constexpr, D: tl.constexpr, BG: tl.constexpr, UPCAST: tl.constexpr,
                PRECISION: tl.constexpr):
     """Same grid as the forward: dq, the partial dweights of this head block, and R = dO . o_i per slot."""
@@ -121,6 +125,7 @@ def _dq_kernel(Q, K, V, DO, IDX, W, LSE, DQ, DW, R,
     dq = tl.zeros([BG, D], dtype=tl.float32)
     for i in range(NSLOT):
         c = tl.load(IDX + row * NSLOT + i).to(tl.int64)
+        c = tl.where(c < C, c, -1)
         valid = c >= 0
         w = tl.where(valid, tl.load(W + row * NSLOT + i), 0.0)
         c_rows = tl.zeros([S, 1], dtype=tl.int64) + c  # a block, not a splat of the scalar mask
@@ -221,36 +226,66 @@ def route_pairs(indices: torch.Tensor, num_chunks: int) -> tuple[torch.Tensor, t
     """Reverse index of the selections, chunk -> the (token, slot) pairs that chose it.
 
     indices [B, L, H, K] -> pairs [B*L*H*K] int64, the flat positions into indices sorted stably by the key
-    (b * H + h) * num_chunks + chunk (empty slots last), and offsets [B*H*num_chunks + 1] int64: the pairs of
-    key j are pairs[offsets[j]:offsets[j + 1]].
+    (b * H + h) * num_chunks + chunk (empty slots, and indices outside [0, num_chunks), last), and offsets
+    [B*H*num_chunks + 1] int64: the pairs of key j are pairs[offsets[j]:offsets[j + 1]].
     """
     B, L, H, _ = indices.shape
     n_keys = B * H * num_chunks
-    bh = (torch.arange(B, device=indices.device)[:, None, None, None] * H
-          + torch.arange(H, device=indices.device)[None, None, :, None])
-    keys = torch.where(indices >= 0, bh * num_chunks + indices, n_keys).flatten()
+    # 32-bit keys where they fit: a radix sort of them takes half the passes
+    key_type = torch.int32 if n_keys < 2**31 else torch.int64
+    first_key = torch.arange(0, n_keys, num_chunks, device=indices.device, dtype=key_type).view(B, 1, H, 1)
+    listed = (indices >= 0) & (indices < num_chunks)
+    keys = torch.where(listed, indices.to(key_type) + first_key, n_keys).flatten()
     sorted_keys, pairs = torch.sort(keys, stable=True)
-    offsets = torch.searchsorted(sorted_keys, torch.arange(n_keys + 1, device=keys.device))
+    offsets = torch.searchsorted(sorted_keys, torch.arange(n_keys + 1, device=keys.device, dtype=key_type))
     return pairs, offsets
 
 
+@triton.jit
+def _segments_kernel(OFFSETS, SEGS, n_keys, n_segs, seg_len, log_keys, BLOCK: tl.constexpr):
+    """One program. First ENDS (SEGS past its three rows) = the running count of segments up to each key; then for each
+    segment id its key (binary search in ENDS), start and end; spare segments get (0, 0, 0)."""
+    ends = SEGS + 3 * n_segs
+    carry = tl.sum(tl.zeros([BLOCK], dtype=tl.int64), 0)
+    for k0 in range(0, n_keys, BLOCK):
+        j = k0 + tl.arange(0, BLOCK)
+        m = j < n_keys
+        count = tl.load(OFFSETS + j + 1, mask=m, other=0) - tl.load(OFFSETS + j, mask=m, other=0)
+        n = (count + seg_len - 1) // seg_len
+        tl.store(ends + j, carry + tl.cumsum(n, 0), mask=m)
+        carry += tl.sum(n, 0)
+    tl.debug_barrier()
+    for s0 in range(0, n_segs, BLOCK):
+        sid = s0 + tl.arange(0, BLOCK)
+        lo = tl.zeros([BLOCK], dtype=tl.int64)
+        hi = lo + n_keys
+        for _ in range(log_keys):  # the first key whose running count exceeds sid
+            active = lo < hi
+            mid = (lo + hi) // 2
+            above = tl.load(ends + mid, mask=active, other=0) > sid
+            lo = tl.where(active & ~above, mid + 1, lo)
+            hi = tl.where(active & above, mid, hi)
+        used = (lo < n_keys) & (sid < n_segs)
+        key = tl.minimum(lo, n_keys - 1)
+        before = tl.load(ends + key - 1, mask=used & (key > 0), other=0)
+        start = tl.load(OFFSETS + key, mask=used, other=0) + (sid - before) * seg_len
+        end = tl.minimum(start + seg_len, tl.load(OFFSETS + key + 1, mask=used, other=0))
+        out = sid < n_segs
+        tl.store(SEGS + sid, tl.where(used, key, 0), mask=out)
+        tl.store(SEGS + n_segs + sid, tl.where(used, start, 0), mask=out)
+        tl.store(SEGS + 2 * n_segs + sid, tl.where(used, end, 0), mask=out)
+
+
 def split_segments(offsets: torch.Tensor, seg_len: int, n_segs: int) -> torch.Tensor:
-    """Cut each key's pair list into segments of at most seg_len pairs, without a device sync.
+    """Cut each key's pair list into segments of at most seg_len pairs, in one launch and without a device sync.
 
     offsets [n_keys + 1] from route_pairs -> [3, n_segs] int64 rows (key, start, end); n_segs must be at least
     the number of segments, and the spare ones are empty (start == end == 0, key 0).
     """
-    counts = offsets[1:] - offsets[:-1]
-    per_key = (counts + seg_len - 1) // seg_len
-    ends = per_key.cumsum(0)
-    sid = torch.arange(n_segs, device=offsets.device)
-    key = torch.searchsorted(ends, sid, right=True)
-    used = key < counts.numel()
-    key = key.clamp(max=counts.numel() - 1)
-    start = offsets[key] + (sid - (ends[key] - per_key[key])) * seg_len
-    end = torch.minimum(start + seg_len, offsets[key + 1])
-    zero = torch.zeros((), dtype=torch.int64, device=offsets.device)
-    return torch.stack([torch.where(used, key, zero), torch.where(used, start, zero), torch.where(used, end, zero)])
+    n_keys = offsets.numel() - 1
+    segs = torch.empty(3 * n_segs + n_keys, dtype=torch.int64, device=offsets.device)  # n_keys of scratch at the end
+    _segments_kernel[(1,)](offsets, segs, n_keys, n_segs, seg_len, n_keys.bit_length(), BLOCK=1024, num_warps=4)
+    return segs[:3 * n_segs].view(3, n_segs)
 
 
 def _head_block(G: int) -> int:
@@ -283,7 +318,7 @@ class _Aggregate(torch.autograd.Function):
         _fwd_kernel[grid](q, k, v, indices, weights, o, lse,
                           q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                           v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-                          L, H, G, K, scale * LOG2E,
+                          L, H, G, k.shape[1] // chunk_size, K, scale * LOG2E,
                           S=chunk_size, D=D, BG=BG, OFF_BY_ONE=off_by_one, **_dot_flags(q),
                           **_launch("fwd", BG, chunk_size, D, q.dtype))
         ctx.save_for_backward(q, k, v, indices, weights, lse)
@@ -308,11 +343,12 @@ class _Aggregate(torch.autograd.Function):
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            L, H, G, K, scale * LOG2E, scale, S=S, D=D, BG=BG, **_dot_flags(q), **_launch("dq", BG, S, D, q.dtype))
+            L, H, G, k.shape[1] // S, K, scale * LOG2E, scale, S=S, D=D, BG=BG, **_dot_flags(q),
+            **_launch("dq", BG, S, D, q.dtype))
         dk = dv = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             dk, dv = _dkdv(q, k, v, do, indices, weights, lse, r, S, scale)
-        return dq, dk, dv, None, dw.sum(0), None, None, None
+        return dq, dk, dv, None, dw[0] if n_gb == 1 else dw.sum(0), None, None, None
 
 
 def _dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, indices: torch.Tensor,
@@ -332,8 +368,8 @@ def _dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, i
     n_segs = min(B * H * C, n_pairs) + triton.cdiv(n_pairs, seg_len)
     pairs, offsets = route_pairs(indices, C)
     segs = split_segments(offsets, seg_len, n_segs)
-    dk = torch.zeros(B, C * S, H, D, dtype=torch.float32, device=q.device)
-    dv = torch.zeros_like(dk)
+    grads = torch.zeros(2, B, C * S, H, D, dtype=torch.float32, device=q.device)  # dk, dv
+    dk, dv = grads
     _dkdv_kernel[(n_segs, S // BS)](
         q, k, v, do, weights, lse, r, pairs, segs, dk, dv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -341,7 +377,8 @@ def _dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, i
         dk.stride(0), dk.stride(1), dk.stride(2),
         L, H, G, C, K, n_segs, scale * LOG2E, scale,
         BS=BS, D=D, BG=BG, BP=BP, **_dot_flags(q), **launch)
-    return dk.to(k.dtype), dv.to(v.dtype)
+    dk, dv = grads.to(k.dtype)  # k and v share one dtype
+    return dk, dv
 
 
 def aggregate_triton(
@@ -358,7 +395,9 @@ def aggregate_triton(
 
     q [B, L, HQ, D]; k, v [B, C*S, H, D]; indices, weights [B, L, H, K] -> o [B, L, HQ, D] in q's dtype.
     Head dims 32/64/128, chunk sizes 32/64/128, q, k, v in one of float16/bfloat16/float32, any K and any G.
-    Accumulates in float32; float32 inputs take tf32x3 dots on the GPU (about float32 accuracy).
+    Accumulates in float32; float32 inputs take tf32x3 dots on the GPU (about float32 accuracy). An index
+    outside [0, C) counts as an empty slot: the kernels never read outside k and v (hsa_aggregate raises for
+    such indices unless told not to check).
     """
     err = unsupported(q, k, v, indices, weights, chunk_size)
     if err is not None:

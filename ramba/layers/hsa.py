@@ -65,7 +65,7 @@ class HSA(nn.Module):
             kv_weights = weights.expand(-1, -1, cfg.num_kv_heads, -1)
         q = self.q_proj(xs).view(N, L, cfg.num_heads, cfg.head_dim)
         k, v, kv_indices = memory.for_aggregate(kv_indices)
-        o = hsa_aggregate(q, k, v, kv_indices, kv_weights, cfg.chunk_size,
-                          softmax_off_by_one=cfg.softmax_off_by_one, backend=cfg.ops_backend)
+        o = hsa_aggregate(q, k, v, kv_indices, kv_weights, cfg.chunk_size,  # indices from hsa_retrieve: no sync
+                          softmax_off_by_one=cfg.softmax_off_by_one, backend=cfg.ops_backend, check_indices=False)
         out = self.o_proj(o.reshape(N, L, -1))
         return layout.pack(out), layout.pack(indices)
