@@ -177,6 +177,23 @@ def test_reverse_index_lists_every_pair_once_under_its_chunk(B, L, H, K, C, seg_
     assert bool((covered == 1).all())
 
 
+@settings(max_examples=25, deadline=None)
+@given(n_keys=st.integers(1, 2600), seg_len=st.integers(1, 40), spare=st.integers(0, 1500),
+       skew=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_segments_cover_each_key_in_order(n_keys, seg_len, spare, skew, seed):
+    """split_segments against a plain loop, over more keys and segments than one block of its kernel holds."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 3 * seg_len, (n_keys,), generator=g) * (torch.rand(n_keys, generator=g) < 0.7)
+    if skew:  # one key holds most of the pairs, as when every token selects the first chunk
+        counts[int(torch.randint(0, n_keys, (1,), generator=g))] += 50 * seg_len
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    expected = [(key, start, min(start + seg_len, int(offsets[key + 1])))
+                for key in range(n_keys) for start in range(int(offsets[key]), int(offsets[key + 1]), seg_len)]
+    n_segs = len(expected) + spare
+    key, start, end = split_segments(offsets.to(DEVICE), seg_len, n_segs).cpu().tolist()
+    assert list(zip(key, start, end))[:len(expected)] == expected
+    assert key[len(expected):] == start[len(expected):] == end[len(expected):] == [0] * spare
+
 def test_noncontiguous_and_expanded_inputs():
     """Views as the model passes them: q with a strided head dim, indices/weights shared by kv heads (stride 0)."""
     q, k, v, indices, weights = make_inputs(32, 1, 4, 2, 2, 32, 3, 5, 0.3, False, 1, torch.float32)
