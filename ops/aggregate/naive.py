@@ -19,7 +19,8 @@ def aggregate_reference(
     """o[t, h] = sum_i w[t, h//G, i] * softmax_j(q[t, h] . k[c_i*S + j] * scale) v[c_i*S + j].
 
     q [B, L, HQ, D]; k, v [B, C*S, H, D]; indices, weights [B, L, H, K] -> o [B, L, HQ, D] in q's dtype.
-    Slots with index -1 (or any index outside [0, C)) contribute nothing. Computed in float32 (float64 inputs stay float64).
+    Slots with index -1 (or any index outside [0, C)) contribute nothing. Computed in float32 (float64 inputs
+    stay float64).
     Memory is O(B * L * H * K * S * D): this is the ground truth, not the fast path.
     """
     B, L, HQ, D = q.shape

@@ -243,8 +243,8 @@ def route_pairs(indices: torch.Tensor, num_chunks: int) -> tuple[torch.Tensor, t
 
 @triton.jit
 def _segments_kernel(OFFSETS, SEGS, n_keys, n_segs, seg_len, log_keys, BLOCK: tl.constexpr):
-    """One program. First ENDS (SEGS past its three rows) = the running count of segments up to each key; then for each
-    segment id its key (binary search in ENDS), start and end; spare segments get (0, 0, 0)."""
+    """One program. First ENDS (SEGS past its three rows) = the running count of segments up to each key;
+    then for each segment id its key (binary search in ENDS), start and end; spare segments get (0, 0, 0)."""
     ends = SEGS + 3 * n_segs
     carry = tl.sum(tl.zeros([BLOCK], dtype=tl.int64), 0)
     for k0 in range(0, n_keys, BLOCK):
