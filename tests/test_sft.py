@@ -3,6 +3,7 @@
 import importlib.util
 import itertools
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,9 +12,41 @@ from ramba import HSAHybrid, HSAHybridConfig
 from ramba.tokenizer import ByteTokenizer
 from ramba.training.config import DataSection
 from ramba.training.data import task_examples
+from ramba.training.trainer import evaluate
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TOK = ByteTokenizer()
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts every next token of the rows in `right` and a wrong token everywhere in the others."""
+
+    def __init__(self, right: torch.Tensor):
+        super().__init__()
+        self.right = right
+
+    def forward(self, input_ids, labels=None, doc_ids=None, return_retrieval=False):
+        following = torch.roll(input_ids, -1, dims=1)
+        predicted = torch.where(self.right[:, None], following, (following + 1) % TOK.vocab_size)
+        logits = torch.nn.functional.one_hot(predicted, TOK.vocab_size).float()
+        return SimpleNamespace(loss=torch.tensor(0.5), logits=logits, retrieval=None)
+
+
+def test_evaluate_reports_the_answer_accuracy_of_each_task():
+    tasks = ["passkey", "niah_single_1", "passkey"]  # a repeated task counts under its first position
+    data = DataSection(source="tasks", seq_len=400, min_len=160, tasks=tasks)
+    rows = list(itertools.islice(task_examples(data, TOK, seed=5), 16))
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    prompts = [TOK.decode(r["input_ids"].tolist()) for r in rows]
+    assert all(("pass key" in text) == (int(r["task"]) == 0) for text, r in zip(prompts, rows))
+    right = torch.rand(16, generator=torch.Generator().manual_seed(1)) < 0.5
+    result = evaluate(_Oracle(right), [batch], torch.device("cpu"), tasks)
+    for task, name in ((0, "passkey"), (1, "niah_single_1")):
+        rows_of_task = batch["task"] == task
+        assert result[f"eval_answer_accuracy_{name}"] == pytest.approx(float(right[rows_of_task].float().mean()))
+    assert result["eval_answer_accuracy"] == pytest.approx(float(right.float().mean()))
+    assert set(result) == {"eval_loss", "eval_answer_accuracy", "eval_answer_accuracy_passkey",
+                           "eval_answer_accuracy_niah_single_1"}
 
 
 def test_task_examples_put_the_loss_on_the_answer_only():

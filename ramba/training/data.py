@@ -83,7 +83,8 @@ def task_examples(data: DataSection, tokenizer: Tokenizer, seed: int) -> Iterato
     """Fine-tuning examples: a random task of data.tasks at a random prompt length in [min_len, seq_len),
     followed by its answer and eos, right-padded to seq_len. Only the answer and eos carry labels.
 
-    Yields input_ids, labels [seq_len] and answer_mask (bool [seq_len], the answer tokens)."""
+    Yields input_ids, labels [seq_len], answer_mask (bool [seq_len], the answer tokens) and task (a 0-d long:
+    the task's first position in data.tasks)."""
     unknown = [t for t in data.tasks if t not in TASKS]
     if unknown or not data.tasks:
         raise ValueError(f"data.tasks: unknown {unknown or 'empty list'}; known tasks: {', '.join(TASKS)}")
@@ -111,7 +112,8 @@ def task_examples(data: DataSection, tokenizer: Tokenizer, seed: int) -> Iterato
         labels[length:length + len(answer)] = ids[length:length + len(answer)]
         answer_mask = torch.zeros(data.seq_len, dtype=torch.bool)
         answer_mask[length:length + len(answer) - 1] = True
-        yield {"input_ids": ids, "labels": labels, "answer_mask": answer_mask}
+        yield {"input_ids": ids, "labels": labels, "answer_mask": answer_mask,
+               "task": torch.tensor(data.tasks.index(task))}
 
 
 def sequences(data: DataSection, tokenizer: Tokenizer, seed: int) -> Iterator[dict[str, torch.Tensor]]:

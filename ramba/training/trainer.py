@@ -8,7 +8,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -99,11 +99,15 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model: HSAHybrid, held_out: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
+def evaluate(model: HSAHybrid, held_out: list[dict[str, torch.Tensor]], device: torch.device,
+             tasks: Sequence[str] = ()) -> dict[str, float]:
     """Mean loss over the held-out batches; with answers marked (builtin, tasks) the answer accuracy (all answer
-    tokens right under greedy next-token prediction); with needles marked (builtin) the retrieval hit rate."""
+    tokens right under greedy next-token prediction), and with rows marked by task (the tasks source; `tasks`
+    names them) the answer accuracy of each task as eval_answer_accuracy_<task>; with needles marked (builtin)
+    the retrieval hit rate."""
     model.eval()
     losses, correct, hits = [], [], []
+    per_task: dict[int, list[float]] = {}
     for batch in held_out:
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model(**model_inputs(batch), return_retrieval="needle_pos" in batch)
@@ -111,13 +115,18 @@ def evaluate(model: HSAHybrid, held_out: list[dict[str, torch.Tensor]], device: 
         if "answer_mask" in batch:
             predicted = out.logits[:, :-1].argmax(-1)
             mask = batch["answer_mask"][:, 1:]
-            correct.append(((predicted == batch["input_ids"][:, 1:]) | ~mask).all(1).float().mean().item())
+            right = ((predicted == batch["input_ids"][:, 1:]) | ~mask).all(1).float()
+            correct.append(right.mean().item())
+            for task, ok in zip(batch.get("task", torch.empty(0)).tolist(), right.tolist()):
+                per_task.setdefault(task, []).append(ok)
         if "needle_pos" in batch:
             hits.append(retrieval_hits(out.retrieval, batch, model.config.chunk_size).item())
     model.train()
     result = {"eval_loss": sum(losses) / len(losses)}
     if correct:
         result["eval_answer_accuracy"] = sum(correct) / len(correct)
+    for task, oks in sorted(per_task.items()):
+        result[f"eval_answer_accuracy_{tasks[task] if task < len(tasks) else task}"] = sum(oks) / len(oks)
     if hits:
         result["eval_retrieval_hit"] = sum(hits) / len(hits)
     return result
@@ -221,7 +230,7 @@ def train(run: RunConfig, resume: bool | str = False) -> Path:
         if step % t.log_every == 0 or step == t.steps:
             log.log(step, metrics)
         if step % t.eval_every == 0 or step == t.steps:
-            result = evaluate(accelerator.unwrap_model(model), held_out, accelerator.device)
+            result = evaluate(accelerator.unwrap_model(model), held_out, accelerator.device, run.data.tasks)
             log.log(step, result)
             logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
         stopping = t.stop_after is not None and step >= t.stop_after and step < t.steps
