@@ -1,12 +1,15 @@
 r"""Where a model looks when it answers: for each prompt of a task, whether the chunks its HSA blocks select for
-each answer token hold the asked fact, another inserted fact, or neither, beside the answer's score.
+each answer token hold the asked fact, another inserted fact, or neither, and how much weight each gets,
+beside the answer's score.
 It tells a retrieval failure (the asked fact's chunk not read) from a reading failure (read, answered wrong).
 
 python -m benchmarks.probe --checkpoint DIR --task niah_multikey_1 --lengths 4k,64k [--samples 20] [--seed 1]
     [--segment 65536] [--device cpu] [--out FILE.md]
 
-An inserted fact is "asked" when it holds one of the references (see fact_chunks). A token's selection is the union over HSA blocks and retrieval heads at the position that predicts
-it; answer tokens that are only whitespace are not counted.
+An inserted fact is "asked" when it holds one of the references (see fact_chunks). A token's selection is the
+union over HSA blocks and retrieval heads at the position that predicts it, and the weight on a fact is the
+retrieval weight its chunks get there, averaged over blocks and heads (1 = all of it); answer tokens that are
+only whitespace are not counted.
 """
 
 from __future__ import annotations
@@ -48,9 +51,16 @@ def fact_chunks(sample: Sample, tokenizer: Tokenizer, chunk_size: int) -> tuple[
     return asked, other - asked
 
 
-def _selection(retrieval: list[torch.Tensor]) -> set[int]:
-    """Chunks selected at the last position, over every HSA block and retrieval head."""
-    return set(torch.cat([r[0, -1].flatten() for r in retrieval]).tolist()) - {-1}
+def _mixing(out) -> list[dict[int, float]]:
+    """At the last position, for every HSA block and retrieval head: selected chunk -> its retrieval weight."""
+    return [{c: w for c, w in zip(chunks.tolist(), weights.tolist()) if c >= 0}
+            for indices, mixing in zip(out.retrieval, out.retrieval_weights)
+            for chunks, weights in zip(indices[0, -1], mixing[0, -1].float())]
+
+
+def _weight_on(chunks: set[int], mixing: list[dict[int, float]]) -> float:
+    """The weight that the selections put on `chunks`, averaged over HSA blocks and retrieval heads."""
+    return statistics.fmean(sum(w for c, w in head.items() if c in chunks) for head in mixing) if mixing else 0.0
 
 
 @torch.no_grad()
@@ -69,14 +79,21 @@ def probe_one(model: HSAHybrid, tokenizer: Tokenizer, sample: Sample, segment: i
         if token.item() == tokenizer.eos_id:
             break
         answer.append(token.item())
-        reads.append(_selection(out.retrieval))  # what was read to predict this token
+        reads.append(_mixing(out))  # what was read, and how much, to predict this token
         out = model(token, cache=cache, return_retrieval=True)
     asked, other = fact_chunks(sample, tokenizer, model.config.chunk_size)
-    content = [read for token, read in zip(answer, reads) if tokenizer.decode([token]).strip()]
+    content = [mixing for token, mixing in zip(answer, reads) if tokenizer.decode([token]).strip()]
+    selected = [set().union(*mixing) for mixing in content]
+
+    def mean(values: list[float]) -> float:
+        return statistics.fmean(values) if values else 0.0
+
     return {"output": tokenizer.decode(answer),
-            "asked_read": statistics.fmean(bool(asked & r) for r in content) if content else 0.0,
-            "other_read": statistics.fmean(len(other & r) for r in content) if content else 0.0,
-            "other_facts": len(other)}
+            "asked_read": mean([bool(asked & r) for r in selected]),
+            "other_read": mean([len(other & r) for r in selected]),
+            "other_facts": len(other),
+            "asked_weight": mean([_weight_on(asked, m) for m in content]),
+            "other_weight": mean([_weight_on(other, m) for m in content])}
 
 
 def run(model: HSAHybrid, tokenizer: Tokenizer, task: str, lengths: list[int], samples: int, seed: int,
@@ -94,13 +111,16 @@ def run(model: HSAHybrid, tokenizer: Tokenizer, task: str, lengths: list[int], s
 
 def table(rows: list[dict], task: str) -> str:
     lines = [f"| {task} length | prompts | answers right | answer tokens that read the asked fact | other facts' "
-             "chunks read per answer token (of) |", "| ---: | ---: | ---: | ---: | ---: |"]
+             "chunks read per answer token (of) | retrieval weight on the asked fact | on the other facts |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for length in sorted({r["length"] for r in rows}):
         cell = [r for r in rows if r["length"] == length]
         lines.append(f"| {length:,} | {len(cell)} | {statistics.fmean(r['score'] for r in cell):.0%} | "
                      f"{statistics.fmean(r['asked_read'] for r in cell):.0%} | "
                      f"{statistics.fmean(r['other_read'] for r in cell):.1f} of "
-                     f"{statistics.fmean(r['other_facts'] for r in cell):.1f} |")
+                     f"{statistics.fmean(r['other_facts'] for r in cell):.1f} | "
+                     f"{statistics.fmean(r['asked_weight'] for r in cell):.2f} | "
+                     f"{statistics.fmean(r['other_weight'] for r in cell):.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -30,11 +30,21 @@ class HSAOutput:
     """logits [B, N, vocab] for the last N = logits_to_keep positions (all L by default); loss (mean next-token
     cross entropy) when labels were given; retrieval: with `return_retrieval=True`, for each HSA block the
     selected chunks [B, N, Hr, K] (chunk c of a document covers its tokens [c*S, (c+1)*S); -1 for empty slots
-    and padding)."""
+    and padding); retrieval_weights: with it too, the weights [B, N, Hr, K] that mix those chunks' outputs
+    (0 for empty slots)."""
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     retrieval: list[torch.Tensor] | None = None
+    retrieval_weights: list[torch.Tensor] | None = None
+
+
+Selections = list[tuple[torch.Tensor, torch.Tensor]]  # per HSA block: chunks [B, L, Hr, K], weights [B, L, Hr, K]
+
+
+def _last(selections: Selections, n: int) -> Selections:
+    """The selections of the last n positions."""
+    return [(i[:, i.shape[1] - n:], w[:, w.shape[1] - n:]) for i, w in selections]
 
 
 class HSAHybrid(nn.Module):
@@ -163,7 +173,10 @@ class HSAHybrid(nn.Module):
                 targets = targets.masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
-        return HSAOutput(logits=logits, loss=loss, retrieval=retrieval if return_retrieval else None)
+        if not return_retrieval:
+            return HSAOutput(logits=logits, loss=loss)
+        return HSAOutput(logits=logits, loss=loss, retrieval=[i for i, _ in retrieval],
+                         retrieval_weights=[w for _, w in retrieval])
 
     def _block(self, block: nn.Module, *args):
         """Run a block, through activation checkpointing when gradient_checkpointing is on in training."""
@@ -173,19 +186,19 @@ class HSAHybrid(nn.Module):
 
     def _run_upper(self, x: torch.Tensor, memory, layout: DocLayout, doc_ids: torch.Tensor | None,
                    states: list | None, positions: torch.Tensor | None,
-                   valid: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                   valid: torch.Tensor | None) -> tuple[torch.Tensor, Selections]:
         retrieval = []
         for i, block in enumerate(self.upper):
             state = None if states is None else states[i]
             if isinstance(block, HSABlock):
-                x, indices = self._block(block, x, doc_ids, memory, layout, state, positions, valid)
-                retrieval.append(indices)
+                x, indices, weights = self._block(block, x, doc_ids, memory, layout, state, positions, valid)
+                retrieval.append((indices, weights))
             else:
                 x = self._block(block, x, doc_ids, state, positions, valid)
         return x, retrieval
 
     def _forward_full(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, doc_ids: torch.Tensor | None,
-                      cu_seqlens: torch.Tensor | None, keep: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                      cu_seqlens: torch.Tensor | None, keep: int) -> tuple[torch.Tensor, Selections]:
         """The whole input at once; returns the last `keep` final hidden states and the retrievals."""
         length = input_ids.shape[1]
         layout = build_layout(tuple(input_ids.shape), input_ids.device, attention_mask, doc_ids, cu_seqlens)
@@ -197,12 +210,12 @@ class HSAHybrid(nn.Module):
         if self.upper_all_swa and layout.trivial and start > 0:  # exact shortcut: only the receptive field
             positions = torch.arange(start, length, device=x.device)
             x, retrieval = self._run_upper(x[:, start:], memory, layout, None, None, positions, None)
-            return x[:, x.shape[1] - keep:], [r[:, r.shape[1] - keep:] for r in retrieval]
+            return x[:, x.shape[1] - keep:], _last(retrieval, keep)
         x, retrieval = self._run_upper(x, memory, layout, layout.doc_ids, None, None, None)
-        return x[:, length - keep:], [r[:, length - keep:] for r in retrieval]
+        return x[:, length - keep:], _last(retrieval, keep)
 
     def _forward_cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: HSACache,
-                        keep: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                        keep: int) -> tuple[torch.Tensor, Selections]:
         """The next segment of every row, continuing from and updating `cache`."""
         cache.check(self, input_ids, attention_mask)
         B, L = input_ids.shape
@@ -226,7 +239,7 @@ class HSAHybrid(nn.Module):
         upper_states = cache.states[n_lower:]
         if not self.upper_all_swa:
             x, retrieval = self._run_upper(x, cache.store, layout, None, upper_states, positions, valid)
-            return x[:, L - keep:], [r[:, L - keep:] for r in retrieval]
+            return x[:, L - keep:], _last(retrieval, keep)
 
         # all-SWA upper stack: keep the lower outputs of its receptive field, run it only where needed
         R = self.upper_receptive_field
@@ -244,7 +257,7 @@ class HSAHybrid(nn.Module):
             cache.upper_stale = False
         else:
             x, retrieval = self._run_upper(x, cache.store, layout, None, upper_states, positions, valid)
-        return x[:, x.shape[1] - keep:], [r[:, r.shape[1] - keep:] for r in retrieval]
+        return x[:, x.shape[1] - keep:], _last(retrieval, keep)
 
     # ---------------------------------------------------------------- save/load
     def save_pretrained(self, directory: str | Path) -> None:

@@ -37,11 +37,14 @@ def test_segments_then_decoding_equal_full_forward(mixer, offload, length, cuts,
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 50, (2, length + decode), generator=g)
     with torch.no_grad():
-        full = model(ids).logits
+        full = model(ids, return_retrieval=True)
         cache = model.new_cache(2, offload=offload)
-        pieces = [model(ids[:, a:b], cache=cache).logits for a, b in segments(cuts, length)]
-        pieces += [model(ids[:, t:t + 1], cache=cache).logits for t in range(length, length + decode)]
-    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-9)
+        pieces = [model(ids[:, a:b], cache=cache, return_retrieval=True) for a, b in segments(cuts, length)]
+        pieces += [model(ids[:, t:t + 1], cache=cache, return_retrieval=True) for t in range(length, length + decode)]
+    assert torch.allclose(torch.cat([p.logits for p in pieces], dim=1), full.logits, atol=1e-9)
+    for block, (indices, weights) in enumerate(zip(full.retrieval, full.retrieval_weights, strict=True)):
+        assert torch.equal(torch.cat([p.retrieval[block] for p in pieces], dim=1), indices)
+        assert torch.allclose(torch.cat([p.retrieval_weights[block] for p in pieces], dim=1), weights, atol=1e-9)
     assert cache.lengths.tolist() == [length + decode] * 2
     assert cache.store.count.tolist() == [(length + decode) // 16] * 2
 

@@ -96,9 +96,11 @@ def test_never_a_future_or_incomplete_chunk(length, window, seed):
         out = model(ids, return_retrieval=True)
     pos = torch.arange(length)[None, :, None, None]
     limit = pos - small_config().window + S if window else pos
-    for indices in out.retrieval:
-        assert indices.shape == (2, length, 1, 4)
+    for indices, weights in zip(out.retrieval, out.retrieval_weights, strict=True):
+        assert indices.shape == weights.shape == (2, length, 1, 4)
         chosen = indices >= 0
+        assert bool((weights[~chosen] == 0).all())  # softmax weights: 1 in all over the chosen chunks
+        assert torch.allclose(weights.sum(-1), chosen.any(-1).to(weights.dtype), atol=1e-6)
         assert bool(((indices + 1) * S <= limit)[chosen].all())
         # as many chunks as are visible, up to the 4 slots
         expected = torch.div(limit, S, rounding_mode="floor").clamp(0, 4)[..., 0]
@@ -106,13 +108,15 @@ def test_never_a_future_or_incomplete_chunk(length, window, seed):
 
 
 def naive_hsa(layer, x, memory, cfg):
-    """HSA of one batch row by loops over tokens and heads, from the layer's own weights."""
+    """HSA of one batch row by loops over tokens and heads, from the layer's own weights; also the weight of
+    each chosen chunk, {(token, retrieval head): {chunk: weight}}."""
     L = x.shape[0]
     qr = (x @ layer.qr_proj.weight.T).view(L, cfg.num_retrieval_heads, cfg.retrieval_dim)
     q = (x @ layer.q_proj.weight.T).view(L, cfg.num_heads, cfg.head_dim)
     lmk, k, v = memory.landmarks[0], memory.k[0], memory.v[0]
     G = cfg.num_heads // cfg.num_kv_heads
     out = torch.zeros(L, cfg.num_heads, cfg.head_dim, dtype=x.dtype)
+    mixing = {}
     for t in range(L):
         for h in range(cfg.num_heads):
             kv = h // G
@@ -123,10 +127,11 @@ def naive_hsa(layer, x, memory, cfg):
             if not chosen:
                 continue
             w = torch.softmax(torch.tensor([s[c] for c in chosen], dtype=x.dtype), 0)
+            mixing[t, r] = {c: float(wi) for wi, c in zip(w, chosen)}
             for wi, c in zip(w, chosen):
                 att = torch.softmax(k[c * S:(c + 1) * S, kv] @ q[t, h] / math.sqrt(cfg.head_dim), 0)
                 out[t, h] += wi * (att @ v[c * S:(c + 1) * S, kv])
-    return out.reshape(L, -1) @ layer.o_proj.weight.T
+    return out.reshape(L, -1) @ layer.o_proj.weight.T, mixing
 
 
 @pytest.mark.parametrize("retrieval_heads", ["per_kv_head", "shared"])
@@ -139,8 +144,15 @@ def test_hsa_layer_matches_naive_loops(retrieval_heads):
     layout = build_layout((1, 83), x.device)
     memory = model.encoder(model.memory_norm(x))
     with torch.no_grad():
-        out, _ = layer(x, memory, layout)
-        assert torch.allclose(out[0], naive_hsa(layer, x[0], memory, cfg), atol=1e-10)
+        out, indices, weights = layer(x, memory, layout)
+    expected, mixing = naive_hsa(layer, x[0], memory, cfg)
+    assert torch.allclose(out[0], expected, atol=1e-10)
+    for t in range(83):
+        for r in range(cfg.num_retrieval_heads):
+            chosen = indices[0, t, r] >= 0
+            got = dict(zip(indices[0, t, r][chosen].tolist(), weights[0, t, r][chosen].tolist()))
+            assert got == pytest.approx(mixing.get((t, r), {}), abs=1e-12)
+            assert bool((weights[0, t, r][~chosen] == 0).all())
 
 
 def test_retrieval_weights_match_formulas():
@@ -190,9 +202,9 @@ def test_bypass_keeps_hsa_out_of_the_residual_stream():
         x = torch.randn(1, 40, 32)
         layout = build_layout((1, 40), x.device)
         memory = HSAHybrid(small_config()).encoder(x)
-        out, _ = block(x, None, memory, layout)
+        out, _, _ = block(x, None, memory, layout)
         mixed = x + block.mixer(block.mixer_norm(x), None)
-        h, _ = block.hsa(block.hsa_norm(mixed), memory, layout)
+        h, _, _ = block.hsa(block.hsa_norm(mixed), memory, layout)
         base = mixed if rule == "bypass" else mixed + h
         assert torch.allclose(out, base + block.mlp(block.mlp_norm(mixed + h)), atol=1e-6)
 

@@ -2,6 +2,10 @@
 
 import random
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
 
 from benchmarks import probe
 from ramba import HSAHybrid
@@ -32,4 +36,19 @@ def test_a_model_that_reads_every_chunk_reads_the_asked_one():
     sample = TASKS["passkey"](random.Random(0), tokenizer, 300, 0.0)
     row = probe.probe_one(model, tokenizer, sample, segment=128)
     assert row["asked_read"] == 1.0 and row["other_facts"] == 0
+    assert 0.0 < row["asked_weight"] <= 1.0 + 1e-6 and row["other_weight"] == 0.0
     assert sample.references[0] in row["output"]
+
+
+def test_weight_on_a_fact_averages_blocks_and_heads():
+    """Two HSA blocks (two retrieval heads, then one) at the last position; empty slots (-1) carry nothing."""
+    out = SimpleNamespace(
+        retrieval=[torch.tensor([[[[9, 3, 1, -1], [2, 3, 0, -1]]]]), torch.tensor([[[[1, 2, 3, 9]]]])],
+        retrieval_weights=[torch.tensor([[[[0.0, 0.5, 0.5, 0.0], [0.25, 0.25, 0.5, 0.0]]]]),
+                           torch.tensor([[[[0.2, 0.3, 0.5, 0.0]]]])])
+    mixing = probe._mixing(out)
+    assert mixing == [{9: 0.0, 3: 0.5, 1: 0.5}, {2: 0.25, 3: 0.25, 0: 0.5},
+                      {1: pytest.approx(0.2), 2: pytest.approx(0.3), 3: 0.5, 9: 0.0}]
+    assert probe._weight_on({3}, mixing) == pytest.approx((0.5 + 0.25 + 0.5) / 3)
+    assert probe._weight_on({0, 7}, mixing) == pytest.approx(0.5 / 3)
+    assert probe._weight_on(set(), mixing) == 0.0

@@ -58,10 +58,10 @@ class HSABlock(nn.Module):
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None, memory: ChunkMemory | ChunkStore,
                 layout: DocLayout, state: MixerState | None = None, positions: torch.Tensor | None = None,
-                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = x + self.mixer(self.mixer_norm(x), doc_ids, state, positions, valid)
         hsa_positions = None if positions is None else positions.expand(x.shape[0], -1)
-        h, indices = self.hsa(self.hsa_norm(x), memory, layout, hsa_positions)
+        h, indices, weights = self.hsa(self.hsa_norm(x), memory, layout, hsa_positions)
         mixed = x + h
         out = (x if self.bypass else mixed) + self.mlp(self.mlp_norm(mixed))
-        return out, indices
+        return out, indices, weights

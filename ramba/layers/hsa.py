@@ -34,7 +34,8 @@ def retrieval_weights(scores: torch.Tensor, indices: torch.Tensor, kind: str) ->
 
 
 class HSA(nn.Module):
-    """x [B, L, d] (normalised) and the chunk memory -> [B, L, d], plus the selected chunks [B, L, Hr, K].
+    """x [B, L, d] (normalised) and the chunk memory -> [B, L, d], plus the selected chunks [B, L, Hr, K] and
+    their weights [B, L, Hr, K] (0 for empty slots).
 
     positions [B, L]: absolute positions of the tokens (default: 0 .. L-1 in each document of the layout);
     memory: the chunk memory of the whole input, or an inference cache's ChunkStore."""
@@ -48,7 +49,7 @@ class HSA(nn.Module):
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, d, bias=False)
 
     def forward(self, x: torch.Tensor, memory: ChunkMemory | ChunkStore, layout: DocLayout,
-                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
         xs = layout.unpack(x)
         N, L, _ = xs.shape
@@ -68,4 +69,4 @@ class HSA(nn.Module):
         o = hsa_aggregate(q, k, v, kv_indices, kv_weights, cfg.chunk_size,  # indices from hsa_retrieve: no sync
                           softmax_off_by_one=cfg.softmax_off_by_one, backend=cfg.ops_backend, check_indices=False)
         out = self.o_proj(o.reshape(N, L, -1))
-        return layout.pack(out), layout.pack(indices)
+        return layout.pack(out), layout.pack(indices), layout.pack(weights)
