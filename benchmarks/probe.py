@@ -1,7 +1,8 @@
 r"""Where a model looks when it answers: for each prompt of a task, whether the chunks its HSA blocks select for
 each answer token hold the asked fact, another inserted fact, or neither, and how much weight each gets,
 beside the answer's score.
-It tells a retrieval failure (the asked fact's chunk not read) from a reading failure (read, answered wrong).
+It tells a retrieval failure (the asked fact's chunk not read, or outweighed by others) from a reading
+failure (read and weighted, answered wrong).
 
 python -m benchmarks.probe --checkpoint DIR --task niah_multikey_1 --lengths 4k,64k [--samples 20] [--seed 1]
     [--segment 65536] [--device cpu] [--out FILE.md]
