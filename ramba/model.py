@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -268,17 +269,24 @@ class HSAHybrid(nn.Module):
         safetensors.torch.save_model(self, str(directory / WEIGHTS_FILE))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "HSAHybrid":
-        """Load a model written by save_pretrained."""
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
+                        **overrides: Any) -> "HSAHybrid":
+        """Load a model written by save_pretrained; `overrides` replace fields of its config (those that keep
+        every weight's shape, e.g. softmax_off_by_one or retrieval_weights)."""
         directory = Path(directory)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} not found: from_pretrained needs a directory written "
                                         "by HSAHybrid.save_pretrained (config.json and model.safetensors)")
-        model = cls(HSAHybridConfig.from_json(directory / CONFIG_FILE))
-        missing, unexpected = safetensors.torch.load_model(model, str(directory / WEIGHTS_FILE), strict=False,
-                                                           device=str(device))
+        config = HSAHybridConfig.from_json(directory / CONFIG_FILE)
+        model = cls(HSAHybridConfig.from_dict({**config.to_dict(), **overrides}) if overrides else config)
+        changed = f" with overrides {sorted(overrides)}" if overrides else ""
+        try:
+            missing, unexpected = safetensors.torch.load_model(model, str(directory / WEIGHTS_FILE), strict=False,
+                                                               device=str(device))
+        except RuntimeError as e:  # a weight of another shape than the config gives it
+            raise ValueError(f"{directory / WEIGHTS_FILE} does not fit its config{changed}: {e}") from None
         if missing or unexpected:
-            raise ValueError(f"{directory / WEIGHTS_FILE} does not match its config: missing {sorted(missing)}, "
-                             f"unexpected {sorted(unexpected)}")
+            raise ValueError(f"{directory / WEIGHTS_FILE} does not match its config{changed}: missing "
+                             f"{sorted(missing)}, unexpected {sorted(unexpected)}")
         return model.to(device)

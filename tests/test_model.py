@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ramba import HSAHybrid, HSAHybridConfig
+from ramba.config import ConfigError
 from ramba.documents import build_layout
 from ramba.layers.blocks import HSABlock
 from ramba.layers.hsa import retrieval_weights
@@ -240,6 +241,23 @@ def test_from_pretrained_errors(tmp_path):
     small_config(d_model=48).to_json(tmp_path / "config.json")
     with pytest.raises(Exception, match="d_model|shape|size"):
         HSAHybrid.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_overrides(tmp_path):
+    model = HSAHybrid(small_config()).eval()
+    model.save_pretrained(tmp_path)
+    loaded = HSAHybrid.from_pretrained(tmp_path, softmax_off_by_one=True).eval()
+    assert loaded.config.softmax_off_by_one and not model.config.softmax_off_by_one
+    expected = HSAHybrid(small_config(softmax_off_by_one=True)).eval()
+    expected.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 50, (2, 45))
+    with torch.no_grad():
+        assert torch.equal(expected(ids).logits, loaded(ids).logits)
+        assert not torch.allclose(model(ids).logits, loaded(ids).logits)
+    with pytest.raises(ValueError, match="overrides \\['d_model'\\]"):
+        HSAHybrid.from_pretrained(tmp_path, d_model=48)
+    with pytest.raises(ConfigError, match="no_such_field"):
+        HSAHybrid.from_pretrained(tmp_path, no_such_field=1)
 
 
 def test_bad_input_is_rejected_with_a_clear_message():

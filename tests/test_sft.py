@@ -10,9 +10,9 @@ import torch
 
 from ramba import HSAHybrid, HSAHybridConfig
 from ramba.tokenizer import ByteTokenizer
-from ramba.training.config import DataSection
+from ramba.training.config import DataSection, ModelSection, RunConfig
 from ramba.training.data import task_examples
-from ramba.training.trainer import evaluate
+from ramba.training.trainer import build_model, evaluate
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TOK = ByteTokenizer()
@@ -30,6 +30,17 @@ class _Oracle(torch.nn.Module):
         predicted = torch.where(self.right[:, None], following, (following + 1) % TOK.vocab_size)
         logits = torch.nn.functional.one_hot(predicted, TOK.vocab_size).float()
         return SimpleNamespace(loss=torch.tensor(0.5), logits=logits, retrieval=None)
+
+
+def test_model_overrides_apply_to_a_checkpoint(tmp_path):
+    config = HSAHybridConfig.preset("tiny", n_lower_layers=1, n_upper_layers=1, hsa_every=1)
+    HSAHybrid(config).save_pretrained(tmp_path)
+    run = RunConfig(model=ModelSection(checkpoint=str(tmp_path),
+                                       overrides={"retrieval_weights": "stick_breaking", "softmax_off_by_one": True}))
+    model = build_model(run, TOK.vocab_size)
+    assert model.config.retrieval_weights == "stick_breaking" and model.config.softmax_off_by_one
+    assert model.config.to_dict() == {**config.to_dict(), "retrieval_weights": "stick_breaking",
+                                      "softmax_off_by_one": True}
 
 
 def test_evaluate_reports_the_answer_accuracy_of_each_task():

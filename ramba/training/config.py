@@ -19,7 +19,7 @@ class RunConfigError(ValueError):
 @dataclass
 class ModelSection:
     preset: str = "tiny"
-    overrides: dict[str, Any] = field(default_factory=dict)  # any HSAHybridConfig field
+    overrides: dict[str, Any] = field(default_factory=dict)  # HSAHybridConfig fields (of the checkpoint's, too)
     checkpoint: str | None = None  # start from these weights (a save_pretrained directory) instead
 
 
