@@ -10,7 +10,7 @@ import torch
 
 from ramba import HSAHybrid, HSAHybridConfig
 from ramba.tokenizer import ByteTokenizer
-from ramba.training.config import DataSection, ModelSection, RunConfig
+from ramba.training.config import DataSection, ModelSection, RunConfig, RunConfigError
 from ramba.training.data import task_examples
 from ramba.training.trainer import build_model, evaluate
 
@@ -74,6 +74,18 @@ def test_task_examples_put_the_loss_on_the_answer_only():
         assert 200 <= start < 768
         lengths.add(start)
     assert len(lengths) > 12  # prompt lengths are mixed
+
+
+def test_task_examples_with_the_loss_on_all_tokens():
+    kwargs = dict(source="tasks", seq_len=640, min_len=200, tasks=["passkey", "niah_multikey_1"])
+    answer_only = itertools.islice(task_examples(DataSection(**kwargs), TOK, seed=4), 12)
+    every = itertools.islice(task_examples(DataSection(**kwargs, loss="all"), TOK, seed=4), 12)
+    for a, b in zip(answer_only, every):
+        assert a["input_ids"].equal(b["input_ids"]) and a["answer_mask"].equal(b["answer_mask"])
+        end = int((a["labels"] != -100).nonzero()[-1]) + 1  # after the eos: padding only
+        assert b["labels"][:end].equal(b["input_ids"][:end]) and bool((b["labels"][end:] == -100).all())
+    with pytest.raises(RunConfigError, match="data.loss"):
+        RunConfig(data=DataSection(loss="prompt")).validate()
 
 
 def test_task_examples_reject_unknown_tasks():

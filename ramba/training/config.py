@@ -31,6 +31,7 @@ class DataSection:
     tasks: list[str] = field(default_factory=lambda: ["passkey", "niah_single_1", "niah_multikey_1", "vt", "cwe",
                                                       "qa1", "qa2"])
     min_len: int = 256  # "tasks": prompt lengths are drawn between min_len and seq_len
+    loss: str = "answer"  # "tasks": the loss on the answer only, or on "all" tokens (prompt and answer)
     tokenizer: str = "byte"  # "byte" or a Hugging Face tokenizer name or local path
     seq_len: int = 1024
     text_field: str = "text"
@@ -81,6 +82,8 @@ class RunConfig:
             raise RunConfigError(f"train.mixed_precision must be auto, bf16, fp16 or no, got {t.mixed_precision!r}")
         if not 0 <= t.min_lr_ratio <= 1 or t.lr <= 0:
             raise RunConfigError("train.lr must be positive and train.min_lr_ratio in [0, 1]")
+        if d.loss not in ("answer", "all"):
+            raise RunConfigError(f"data.loss must be answer or all, got {d.loss!r}")
         if len(t.betas) != 2:
             raise RunConfigError(f"train.betas must be two numbers, got {t.betas}")
 

@@ -81,7 +81,8 @@ def pack(documents: Iterator[list[int]], seq_len: int, eos_id: int) -> Iterator[
 
 def task_examples(data: DataSection, tokenizer: Tokenizer, seed: int) -> Iterator[dict[str, torch.Tensor]]:
     """Fine-tuning examples: a random task of data.tasks at a random prompt length in [min_len, seq_len),
-    followed by its answer and eos, right-padded to seq_len. Only the answer and eos carry labels.
+    followed by its answer and eos, right-padded to seq_len. Only the answer and eos carry labels, or with
+    data.loss == "all" every token but the padding.
 
     Yields input_ids, labels [seq_len], answer_mask (bool [seq_len], the answer tokens) and task (a 0-d long:
     the task's first position in data.tasks)."""
@@ -109,7 +110,8 @@ def task_examples(data: DataSection, tokenizer: Tokenizer, seed: int) -> Iterato
         ids[:length] = sample.prompt_ids.long()
         ids[length:length + len(answer)] = torch.tensor(answer)
         labels = torch.full_like(ids, -100)
-        labels[length:length + len(answer)] = ids[length:length + len(answer)]
+        first = 0 if data.loss == "all" else length
+        labels[first:length + len(answer)] = ids[first:length + len(answer)]
         answer_mask = torch.zeros(data.seq_len, dtype=torch.bool)
         answer_mask[length:length + len(answer) - 1] = True
         yield {"input_ids": ids, "labels": labels, "answer_mask": answer_mask,
