@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 from ramba import HSAHybrid, HSAHybridConfig
@@ -55,6 +56,40 @@ def test_resume_continues_exactly(tmp_path):
     recipe().main(common + [f"train.output_dir={parts}", "--resume"])
     assert losses(parts) == losses(whole) and len(losses(whole)) == 6
     assert [p.name for p in checkpoints(parts)] == ["step_00000004", "step_00000006"]  # pruned to keep=2
+
+
+def export_recipe():
+    spec = importlib.util.spec_from_file_location("export", RECIPES / "export.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_export_writes_a_checkpoint_as_a_model(tmp_path):
+    run = tmp_path / "run"
+    final = recipe().main(SMALL + ["train.steps=4", "train.save_every=2", f"train.output_dir={run}"])
+    trained = HSAHybrid.from_pretrained(final).state_dict()
+    newest = HSAHybrid.from_pretrained(export_recipe().main([str(run), str(tmp_path / "newest")])).state_dict()
+    assert trained.keys() == newest.keys() and all(torch.equal(trained[k], newest[k]) for k in trained)
+    step2 = export_recipe().main([str(run), str(tmp_path / "step2"), "--dtype", "bfloat16",
+                                  "--checkpoint", str(checkpoints(run)[0])])
+    early = safetensors.torch.load_file(str(step2 / "model.safetensors"))
+    assert all(v.dtype == torch.bfloat16 for v in early.values())
+    assert not torch.equal(early["embed.weight"], trained["embed.weight"].to(torch.bfloat16))
+    # a run that started from a model, with an override: the export has the override and the new weights
+    cont = tmp_path / "continued"
+    recipe().main(SMALL + ["train.steps=2", "train.save_every=1", "train.stop_after=1", f"model.checkpoint={final}",
+                           "model.overrides.softmax_off_by_one=true", f"train.output_dir={cont}"])
+    exported = HSAHybrid.from_pretrained(export_recipe().main([str(cont), str(tmp_path / "cont")]))
+    assert exported.config.softmax_off_by_one and exported.config.d_model == 64
+    assert not torch.equal(exported.state_dict()["embed.weight"], trained["embed.weight"])
+    with pytest.raises(CheckpointError, match="not a training run"):
+        export_recipe().main([str(final), str(tmp_path / "x")])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.yaml").write_text((run / "config.yaml").read_text())
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        export_recipe().main([str(empty), str(tmp_path / "x")])
 
 
 def test_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path):

@@ -59,7 +59,8 @@ class TrainSection:
     eval_every: int = 100
     save_every: int = 100
     keep: int = 3
-    stop_after: int | None = None  # end this process after that step (e.g. a time-limited job); resume later
+    stop_after: int | None = None  # end this process after that step (e.g. a time-limited job); resume later,
+    # or write the checkpoint as a model with recipes/export.py
     output_dir: str = "runs/pretrain"
     tensorboard: bool = False  # also log to TensorBoard (metrics.jsonl is always written)
 
