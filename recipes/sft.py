@@ -3,9 +3,8 @@
 Tasks (data.tasks): pass key, RULER-style needles (single, multi-key, multi-value, multi-query), variable
 tracking, common / frequent words, bAbI-style question answering over filler text; prompt lengths mixed
 between data.min_len and data.seq_len; the loss is on the answer tokens only (on every token with
-data.loss=all). With no arguments it runs
-recipes/configs/sft-tiny.yaml on a CPU with no downloads; start from pre-trained weights with
-`model.checkpoint=runs/pretrain/final`.
+data.loss=all). With no arguments it runs recipes/configs/sft-tiny.yaml on a CPU with no downloads; start
+from pre-trained weights with `model.checkpoint=runs/pretrain/final`.
 """
 
 from __future__ import annotations
