@@ -1,9 +1,10 @@
 r"""Training curves of the generalization study: held-out answer accuracy against step, one line per run.
 
-python -m benchmarks.curves --out curves.png NAME=FILE [NAME=FILE ...]
+python -m benchmarks.curves --out curves.png [--metric NAME] NAME=FILE [NAME=FILE ...]
 
-FILE is a recipe's metrics.jsonl (`eval_answer_accuracy`: the held-out answers right, teacher forcing) or a
-table written by `benchmarks.learnability --out` (`keys right`). Several metrics.jsonl for one NAME, joined
+FILE is a recipe's metrics.jsonl (--metric, default `eval_answer_accuracy`: the held-out answers right,
+teacher forcing; `eval_answer_accuracy_<task>` for one task) or a table written by
+`benchmarks.learnability --out` (`keys right`). Several metrics.jsonl for one NAME, joined
 by '+', are stages of one run: their steps add up.
 """
 
@@ -19,15 +20,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def read_curve(spec: str) -> list[tuple[int, float]]:
-    """(step, held-out accuracy) pairs of one run; `spec` is FILE or FILE+FILE+... (stages, steps add up)."""
+def read_curve(spec: str, metric: str = "eval_answer_accuracy") -> list[tuple[int, float]]:
+    """(step, held-out accuracy) pairs of one run; `spec` is FILE or FILE+FILE+... (stages, steps add up);
+    `metric` is the key read from a metrics.jsonl."""
     points: list[tuple[int, float]] = []
     offset = 0
     for name in spec.split("+"):
         path = Path(name)
         if path.suffix == ".jsonl":
             records = [json.loads(line) for line in path.read_text().splitlines()]
-            stage = [(r["step"], r["eval_answer_accuracy"]) for r in records if "eval_answer_accuracy" in r]
+            stage = [(r["step"], r[metric]) for r in records if metric in r]
+            if not stage and any(key.startswith("eval_") for r in records for key in r):
+                raise ValueError(f"{name}: no {metric!r} in its evaluations")
             last = max((r["step"] for r in records), default=0)
         elif path.suffix == ".md":
             rows = [line.strip("|").split("|") for line in path.read_text().splitlines()
@@ -60,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("runs", nargs="+", metavar="NAME=FILE")
     p.add_argument("--out", required=True)
     p.add_argument("--ylabel", default="held-out answers right")
+    p.add_argument("--metric", default="eval_answer_accuracy", help="the metrics.jsonl key to plot")
     args = p.parse_args(argv)
     curves = {}
     for item in args.runs:
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         if not sep:
             raise SystemExit(f"error: {item!r}: write NAME=FILE")
         try:
-            curves[name] = read_curve(spec)
+            curves[name] = read_curve(spec, args.metric)
         except (OSError, ValueError, KeyError) as err:
             raise SystemExit(f"error: {err}") from None
     plot(curves, Path(args.out), args.ylabel)

@@ -13,6 +13,9 @@ def test_stages_of_metrics_add_up_and_tables_are_read(tmp_path):
                                                         "eval_answer_accuracy": 0.25}]) + "\n")
     second.write_text(json.dumps({"step": 30, "eval_loss": 0.5, "eval_answer_accuracy": 0.75}) + "\n")
     assert read_curve(f"{first}+{second}") == [(100, 0.25), (130, 0.75)]
+    assert read_curve(str(first), "eval_loss") == [(100, 1.0)]
+    with pytest.raises(ValueError, match="eval_answer_accuracy_vt"):
+        read_curve(str(first), "eval_answer_accuracy_vt")
     table = tmp_path / "t.md"
     table.write_text("`cmd`\n\n| step | train loss | held-out loss | answer tokens right | keys right | seconds |\n"
                      "| ---: | ---: | ---: | ---: | ---: | ---: |\n| 100 | 1.0 | 1.1 | 0.5 | 0.125 | 3 |\n"
