@@ -1,6 +1,8 @@
-"""Shared basics of the benchmarks: their error type and the parsing of lengths and depths."""
+"""Shared basics of the benchmarks: their error type, the parsing of lengths and depths, the command line."""
 
 from __future__ import annotations
+
+import sys
 
 
 class BenchmarkError(ValueError):
@@ -44,3 +46,8 @@ def parse_depths(text: str) -> list[float]:
     if not all(0.0 <= d <= 1.0 for d in depths):
         raise BenchmarkError(f"depths must lie in [0, 1], got {text!r}")
     return depths
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """`python -m benchmarks.<module>` with its arguments (sys.argv[1:] when argv is None), for reports."""
+    return " ".join([f"python -m benchmarks.{module}", *(sys.argv[1:] if argv is None else argv)])

@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.common import command_line
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "pretrain.py")
 ACCELERATE = {mode: str(ROOT / "recipes" / "accelerate" / f"{mode}.yaml") for mode in ("ddp", "fsdp")}
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(runs, out.with_suffix(".png"), args.window)
-    out.write_text(f"Command: `python -m benchmarks.distributed {' '.join(argv if argv is not None else sys.argv[1:])}`"
+    out.write_text(f"Command: `{command_line('distributed', argv)}`"
                    f"\n\n{text}\n![loss curves]({out.with_suffix('.png').name})\n")
     return rows
 

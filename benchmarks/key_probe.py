@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import random
 import re
-import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from benchmarks.common import command_line
 from ramba import HSAHybrid
 from ramba.data.synthetic import ADJECTIVES
 from ramba.data.tasks import TASKS
@@ -216,8 +216,7 @@ def main(argv: list[str] | None = None) -> str:
     text = report(collect(model, args.prompts, args.seed, args.min_length, args.length))
     print(text)
     if args.out:
-        command = " ".join(sys.argv[1:] if argv is None else argv)
-        Path(args.out).write_text(f"`python -m benchmarks.key_probe {command}`\n\n{text}")
+        Path(args.out).write_text(f"`{command_line('key_probe', argv)}`\n\n{text}")
     return text
 
 

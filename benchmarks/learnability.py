@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 import yaml
 
-from benchmarks.common import BenchmarkError
+from benchmarks.common import BenchmarkError, command_line
 from ramba import HSAHybrid, HSAHybridConfig
 from ramba.data.tasks import TASKS, TaskError
 from ramba.tokenizer import ByteTokenizer, Tokenizer
@@ -177,9 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     except BenchmarkError as err:
         raise SystemExit(f"error: {err}") from None
     if args.out:
-        command = " ".join(sys.argv[1:] if argv is None else argv)
         with open(args.out, "w") as f:
-            f.write(f"`python -m benchmarks.learnability {command}`\n\n" + "\n".join(rows) + "\n")
+            f.write(f"`{command_line('learnability', argv)}`\n\n" + "\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":

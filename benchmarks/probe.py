@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.common import parse_length
+from benchmarks.common import command_line, parse_length
 from ramba import HSAHybrid
 from ramba.data.tasks import TASKS, Key, Sample, make_sample, score
 from ramba.tokenizer import Tokenizer, load_tokenizer
@@ -146,8 +145,7 @@ def main(argv: list[str] | None = None) -> str:
     text = table(rows, args.task)
     print(text)
     if args.out:
-        command = " ".join(sys.argv[1:] if argv is None else argv)
-        Path(args.out).write_text(f"`python -m benchmarks.probe {command}`\n\n{text}")
+        Path(args.out).write_text(f"`{command_line('probe', argv)}`\n\n{text}")
     return text
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 
 import torch
 
+from benchmarks.common import command_line
 from benchmarks.long_context import DenseModel
 from benchmarks.profiling import top_ops
 from ramba import HSAHybrid, HSAHybridConfig
@@ -98,9 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     if args.out:
         props = torch.cuda.get_device_properties(0)
-        command = " ".join(sys.argv[1:] if argv is None else argv)
         with open(args.out, "w") as f:
-            f.write(f"# Training throughput\n\n`python -m benchmarks.training {command}`\n\n{props.name}, torch "
+            f.write(f"# Training throughput\n\n`{command_line('training', argv)}`\n\n{props.name}, torch "
                     f"{torch.__version__}, bf16 autocast, AdamW, batch {args.batch_size} x {args.seq_len} tokens\n\n"
                     f"{table}\n")
 
