@@ -4,8 +4,8 @@ the FLOP and byte counts, the argument checks, the exit without CUDA."""
 import pytest
 import torch
 
-from benchmarks.common import command_line
 from benchmarks import aggregate_tuning, kernels
+from benchmarks.common import command_line
 from benchmarks.kernels import aggregate_bytes, aggregate_flops, causal_selection, random_weights
 
 
