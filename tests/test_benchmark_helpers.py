@@ -99,3 +99,10 @@ def test_tuning_reads_shapes_and_refuses_bad_ones():
 def test_without_cuda_the_tuning_exits_with_a_message():
     with pytest.raises(SystemExit, match="torch.cuda.is_available"):
         aggregate_tuning.main([])
+
+
+def test_command_line_names_the_module_and_its_arguments(monkeypatch):
+    assert command_line("probe", ["--lengths", "4k", "--out", "x.md"]) == \
+        "python -m benchmarks.probe --lengths 4k --out x.md"
+    monkeypatch.setattr("sys.argv", ["benchmarks/key_probe.py", "--prompts", "9"])
+    assert command_line("key_probe", None) == "python -m benchmarks.key_probe --prompts 9"
