@@ -3,12 +3,15 @@
 # Usage: PARTS="train:swa evals:swa:4k,64k,1m:4 ablations pack" bash benchmarks/generalization.sh
 #   train:MIXER             recipes/sft.py, stage 1 then stage 2 (recipes/configs/generalization-stage{1,2}.yaml)
 #                           for local_mixer MIXER (swa or mamba2); steps from STEPS_<MIXER> ("stage1 stage2")
+#   multikey:MIXER          stages 3, 4 and 5 (generalization-stage{3,4,5}.yaml, keyed needles) from that
+#                           model's stage 2; MULTIKEY_ARGS are added to each stage's overrides
 #   evals:MIXER:LENGTHS:N[:BENCHMARKS]  benchmarks.passkey, benchmarks.ruler (niah_single_1, niah_multikey_1)
 #                           and benchmarks.babilong (qa1, qa2), or those of BENCHMARKS (comma-separated), on that
 #                           model, N samples per depth (DEPTHS, default 0,0.25,0.5,0.75,1)
 #   ablations               benchmarks.ablations with ABLATIONS_ARGS
 #   pack                    results (logs, metrics, benchmark outputs) to $OUT/results.tar.gz and each trained
 #                           model, in bfloat16, to $OUT/model-MIXER.tar
+# STAGE=5 makes evals and pack take the stage-5 model instead of the stage-2 one.
 # Each command stops after PART_S seconds (default 600). Carry .wheels (see benchmarks/device_setup.sh).
 set -u
 out="${OUT:-out}"; runs=runs/generalization; mkdir -p "$out" "$runs/logs"
@@ -16,6 +19,7 @@ source benchmarks/device_setup.sh
 limit="${PART_S:-600}"
 segment="${SEGMENT:-4096}"
 depths="${DEPTHS:-0,0.25,0.5,0.75,1}"
+stage="${STAGE:-2}"
 
 train() {
     local mixer=$1 steps="STEPS_${1^^}"; read -r s1 s2 <<< "${!steps:-800 600}"
@@ -26,9 +30,17 @@ train() {
         model.checkpoint="$runs/$mixer-stage1/final" train.steps="$s2" train.output_dir="$runs/$mixer-stage2" \
         ${STAGE2_ARGS:-} 2>&1 | tee "$runs/logs/train-$mixer-stage2.log" | grep "eval_loss\|Error\|error"
 }
+multikey() {
+    local mixer=$1 stage
+    for stage in 3 4 5; do
+        timeout "$limit" python3 recipes/sft.py --config "recipes/configs/generalization-stage$stage.yaml" \
+            model.checkpoint="$runs/$mixer-stage$((stage - 1))/final" train.output_dir="$runs/$mixer-stage$stage" \
+            ${MULTIKEY_ARGS:-} 2>&1 | tee "$runs/logs/train-$mixer-stage$stage.log" | grep "eval_loss\|Error\|error"
+    done
+}
 evals() {
-    local mixer=$1 lengths=$2 n=$3 model="$1=$runs/$1-stage2/final"
-    [ -d "$runs/$1-stage2/final" ] || model="$1=$runs/model-$1"  # a model packed by an earlier call, carried back
+    local mixer=$1 lengths=$2 n=$3 model="$1=$runs/$1-stage$stage/final"
+    [ -d "$runs/$1-stage$stage/final" ] || model="$1=$runs/model-$1"  # a model packed by an earlier call, carried back
     local common=(--lengths "$lengths" --samples "$n" --segment "$segment")
     local benches=",${4:-passkey,ruler,babilong},"
     if [[ $benches == *,passkey,* ]]; then
@@ -53,9 +65,9 @@ ablations() {
     head -16 "$runs/ablations/passkey/summary.md"
 }
 pack() {
-    for folder in "$runs"/*-stage2/final; do
+    for folder in "$runs"/*-stage$stage/final; do
         [ -d "$folder" ] || continue
-        local mixer; mixer=$(basename "$(dirname "$folder")" -stage2)
+        local mixer; mixer=$(basename "$(dirname "$folder")" "-stage$stage")
         python3 -c "import sys, torch; from ramba import HSAHybrid
 HSAHybrid.from_pretrained(sys.argv[1]).to(torch.bfloat16).save_pretrained(sys.argv[2])" "$folder" "$runs/model-$mixer"
         tar cf "$out/model-$mixer.tar" -C "$runs" "model-$mixer"
