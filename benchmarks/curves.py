@@ -22,16 +22,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def read_curve(spec: str, metric: str = "eval_answer_accuracy") -> list[tuple[int, float]]:
     """(step, held-out accuracy) pairs of one run; `spec` is FILE or FILE+FILE+... (stages, steps add up);
-    `metric` is the key read from a metrics.jsonl."""
+    `metric` is the key read from a metrics.jsonl. A stage that evaluated other metrics only (a task it did not
+    train on) adds its steps; ValueError when no stage has the metric."""
     points: list[tuple[int, float]] = []
     offset = 0
+    evaluated = False
     for name in spec.split("+"):
         path = Path(name)
         if path.suffix == ".jsonl":
             records = [json.loads(line) for line in path.read_text().splitlines()]
             stage = [(r["step"], r[metric]) for r in records if metric in r]
-            if not stage and any(key.startswith("eval_") for r in records for key in r):
-                raise ValueError(f"{name}: no {metric!r} in its evaluations")
+            evaluated = evaluated or any(key.startswith("eval_") for r in records for key in r)
             last = max((r["step"] for r in records), default=0)
         elif path.suffix == ".md":
             rows = [line.strip("|").split("|") for line in path.read_text().splitlines()
@@ -42,6 +43,8 @@ def read_curve(spec: str, metric: str = "eval_answer_accuracy") -> list[tuple[in
             raise ValueError(f"{name}: expected a metrics.jsonl or a benchmarks.learnability table (.md)")
         points += [(offset + step, value) for step, value in stage]
         offset += last
+    if evaluated and not points:
+        raise ValueError(f"{spec}: no {metric!r} in its evaluations")
     return points
 
 

@@ -16,6 +16,9 @@ def test_stages_of_metrics_add_up_and_tables_are_read(tmp_path):
     assert read_curve(str(first), "eval_loss") == [(100, 1.0)]
     with pytest.raises(ValueError, match="eval_answer_accuracy_vt"):
         read_curve(str(first), "eval_answer_accuracy_vt")
+    third = tmp_path / "c.jsonl"  # a later stage that trains (and evaluates) another task as well
+    third.write_text(json.dumps({"step": 40, "eval_answer_accuracy_vt": 0.5}) + "\n")
+    assert read_curve(f"{first}+{second}+{third}", "eval_answer_accuracy_vt") == [(170, 0.5)]
     table = tmp_path / "t.md"
     table.write_text("`cmd`\n\n| step | train loss | held-out loss | answer tokens right | keys right | seconds |\n"
                      "| ---: | ---: | ---: | ---: | ---: | ---: |\n| 100 | 1.0 | 1.1 | 0.5 | 0.125 | 3 |\n"
