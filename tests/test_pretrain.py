@@ -118,13 +118,13 @@ def test_bad_config_keys_and_types_are_named(tmp_path):
         assert load_run_config(RECIPES / "configs" / f"{name}.yaml").model.preset == name
 
 
-
 def test_shipped_configs_load_and_the_generalization_stages_chain():
     configs = {path.stem: load_run_config(path) for path in sorted((RECIPES / "configs").glob("*.yaml"))}
     stages = [configs[f"generalization-stage{i}"] for i in range(1, 6)]
     for before, after in zip(stages, stages[1:]):
         assert after.model.checkpoint == f"{before.train.output_dir}/final"
     assert stages[2].data.tasks == ["niah_multikey_2"]
+
 
 def test_packed_corpus_keeps_documents_apart():
     docs = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11, 12, 13, 14, 15, 16]]
