@@ -3,7 +3,7 @@
 python -m benchmarks.aggregate_tuning [--shapes 8x4096x16x1,2x16384x32x2] [--out FILE]
 
 On one CUDA GPU, at each shape (B x L x HQ x H; bf16, D=64, K=8, S=64 as in benchmarks.kernels): first the
-share of each kernel under the current settings (`LAUNCH` in ops/aggregate/triton.py): the forward, the
+share of each kernel under the current settings (`LAUNCH` in ops/aggregate/fused.py): the forward, the
 backward without dk/dv (the dq kernel), and the whole backward. Then, for one kernel at a time with the
 other two at their current settings, every setting of a small grid: the forward for "fwd", forward plus
 backward for "dq" (k and v without gradients, so the dk/dv kernel does not run) and for "dkdv". Each setting is
@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.kernels import AggInputs, Bench, agg_inputs, generator, log, rel_err, table, write_report
 from ramba.ops import hsa_aggregate
-from ramba.ops.aggregate import triton as agg
+from ramba.ops.aggregate import fused as agg
 
 GRID = {
     "fwd": [{"num_warps": w, "num_stages": s} for w, s in itertools.product((1, 2, 4, 8), (1, 2, 3))],

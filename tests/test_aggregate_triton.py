@@ -12,10 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import ramba.ops.aggregate.triton as fused
+import ramba.ops.aggregate.fused as fused
 from ramba.ops import hsa_aggregate
 from ramba.ops.aggregate import aggregate_reference
-from ramba.ops.aggregate.triton import aggregate_triton, route_pairs, split_segments
+from ramba.ops.aggregate.fused import aggregate_triton, route_pairs, split_segments
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ramba.backends import pick
+from ramba.ops.backends import pick
 from ramba.ops import hsa_retrieve
 from ramba.ops.retrieve import retrieve_reference, visible_chunks
-from ramba.ops.retrieve.triton import plan, retrieve_triton
+from ramba.ops.retrieve.fused import plan, retrieve_triton
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

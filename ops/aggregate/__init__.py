@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ramba.backends import pick
+from ..backends import pick
 
 from .naive import aggregate_dense, aggregate_reference
 
@@ -75,7 +75,7 @@ def hsa_aggregate(
     _check(q, k, v, indices, weights, chunk_size, check_indices)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if pick("ops", backend, q.device) == "triton":
-        from . import triton as fused
+        from . import fused
 
         err = fused.unsupported(q, k, v, indices, weights, chunk_size)
         if err is None:

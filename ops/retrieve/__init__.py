@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ramba.backends import pick
+from ..backends import pick
 
 from .naive import retrieve_reference, visible_chunks
 
@@ -59,7 +59,7 @@ def hsa_retrieve(
     if positions is None:
         positions = torch.arange(qr.shape[1], device=qr.device).expand(qr.shape[0], -1)
     if pick("ops", backend, qr.device) == "triton":
-        from . import triton as fused
+        from . import fused
 
         reason = fused.unsupported(qr, landmarks, topk, gumbel)
         if reason is None:

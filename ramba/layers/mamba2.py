@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ramba.backends import pick
+from ramba.ops.backends import pick
 from ramba.config import HSAHybridConfig
 from ramba.cache import Mamba2State
 from ramba.ops.ssd import causal_conv1d_ref, gated_rms_norm, ssd_scan, ssd_step

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ramba.backends import pick
+from ramba.ops.backends import pick
 from ramba.cache import SWAState
 from ramba.config import HSAHybridConfig
 from ramba.layers.rope import apply_rope, rope_angles
