@@ -33,6 +33,9 @@ def pick(kind: str, requested: str, device: torch.device) -> str:
     "auto" gives the first fast backend whose package is installed when the device is CUDA, else "torch".
     A forced backend that cannot run raises an error that says why.
     """
+    known = ["auto", "torch", *(name for name, _ in FAST[kind])]
+    if requested not in known:
+        raise ValueError(f"unknown {kind} backend {requested!r}: use one of {', '.join(map(repr, known))}")
     if requested == "auto":
         choice = "torch"
         if device.type == "cuda":

@@ -1,8 +1,10 @@
 """Packed documents and padding: which tokens belong together, and a per-document view for the chunk memory.
 
-The local mixers take `doc_ids` [B, L] (tokens interact only within a run of equal ids). The chunk memory and
-retrieval run on a per-document view: every document becomes its own row, starting at position 0, so that
-chunks never cross a document boundary and a token only ever retrieves chunks of its own document.
+`build_layout` is the one place that works this out, once per forward pass. The local mixers take its
+`docs` (a `ramba.ops.DocIndex`: document ids, starts, mamba_ssm's `seq_idx` and flash-attn's `cu_seqlens`, each
+derived once and shared by every layer). The chunk memory and retrieval run on a per-document view: every
+document becomes its own row, starting at position 0, so that chunks never cross a document boundary and a
+token only ever retrieves chunks of its own document.
 """
 
 from __future__ import annotations
@@ -11,20 +13,27 @@ from dataclasses import dataclass
 
 import torch
 
+from ramba.ops.utils import DocIndex, ids_from_cu_seqlens, starts_from_ids
+
 
 @dataclass
 class DocLayout:
     """Where each document of a [B, L] batch lives.
 
-    doc_ids: [B, L] int64 for the mixers (-1 on padding), or None when every row is one whole document.
-    rows: [N, Lmax] flat indices into the B*L tokens of each document's tokens in order (-1 past its end),
-    or None for the trivial layout, where the per-document view is the batch itself.
+    docs: the documents for the mixers (ids [B, L] int64, -1 on padding), or None when every row is one
+    whole document. rows: [N, Lmax] flat indices into the B*L tokens of each document's tokens in order (-1
+    past its end), or None for the trivial layout, where the per-document view is the batch itself.
     """
 
     batch: int
     length: int
-    doc_ids: torch.Tensor | None = None
+    docs: DocIndex | None = None
     rows: torch.Tensor | None = None
+
+    @property
+    def doc_ids(self) -> torch.Tensor | None:
+        """The mixers' document ids [B, L] (-1 on padding), or None."""
+        return None if self.docs is None else self.docs.ids
 
     @property
     def trivial(self) -> bool:
@@ -50,22 +59,6 @@ class DocLayout:
         return out.view(self.batch, self.length, *y.shape[2:])
 
 
-def _ids_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
-    if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() or cu_seqlens.numel() < 2:
-        raise ValueError("cu_seqlens must be a 1-D integer tensor [num_docs + 1] of document offsets into the "
-                         f"flattened batch, got shape {tuple(cu_seqlens.shape)} and dtype {cu_seqlens.dtype}")
-    cu = cu_seqlens.long()
-    total = batch * length
-    if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] <= cu[:-1]).any()):
-        raise ValueError(f"cu_seqlens must increase strictly from 0 to B*L = {total}, got {cu.tolist()}")
-    row_starts = torch.arange(0, total, length, device=cu.device)
-    if not bool(torch.isin(row_starts, cu).all()):
-        raise ValueError("cu_seqlens has a document that crosses from one batch row into the next; "
-                         "every row must start a document")
-    flat = torch.arange(total, device=cu.device)
-    return (torch.searchsorted(cu, flat, right=True) - 1).view(batch, length)
-
-
 def build_layout(
     shape: tuple[int, int],
     device: torch.device,
@@ -84,7 +77,7 @@ def build_layout(
     if doc_ids is not None and (doc_ids.is_floating_point() or doc_ids.dtype == torch.bool):
         raise TypeError(f"doc_ids must be an integer tensor, got {doc_ids.dtype}")
     if cu_seqlens is not None:
-        doc_ids = _ids_from_cu_seqlens(cu_seqlens.to(device), batch, length)
+        doc_ids = ids_from_cu_seqlens(cu_seqlens.to(device), batch, length)
     valid = None
     if attention_mask is not None:
         valid = attention_mask.to(device) != 0
@@ -95,8 +88,8 @@ def build_layout(
 
     ids = torch.zeros(batch, length, dtype=torch.long, device=device) if doc_ids is None else doc_ids.to(device).long()
     valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid
-    changed = torch.ones_like(valid)
-    changed[:, 1:] = (ids[:, 1:] != ids[:, :-1]) | ~valid[:, :-1]
+    changed = starts_from_ids(ids)
+    changed[:, 1:] |= ~valid[:, :-1]
     start = valid & changed
     run = torch.cumsum(start.flatten(), 0).view(batch, length) - 1  # document number of every valid token
     mixer_ids = torch.where(valid, run, -1)
@@ -110,4 +103,4 @@ def build_layout(
     counts = torch.bincount(doc)
     rows = torch.full((counts.numel(), int(counts.max())), -1, dtype=torch.long, device=device)
     rows[doc, pos] = flat[valid]
-    return DocLayout(batch, length, mixer_ids, rows)
+    return DocLayout(batch, length, DocIndex(mixer_ids), rows)

@@ -13,13 +13,15 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from .cache import HSACache, new_mixer_state
+from .cache import HSACache
 from .config import HSAHybridConfig
 from .documents import DocLayout, build_layout
 from .generation import generate
 from .layers.blocks import Block, HSABlock
 from .layers.chunk_encoder import ChunkEncoder
 from .layers.norm import RMSNorm
+from .memory import Memory
+from .ops import DocIndex
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -104,8 +106,17 @@ class HSAHybrid(nn.Module):
         max_tokens: allocate the chunk memory for this many tokens per row at once, so that a long prefill
         fails at the start (MemoryError) rather than midway, and never holds the old and the doubled buffers
         together; longer inputs still work (the memory grows by doubling past it)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         weight = self.embed.weight
-        return HSACache(self.config, self, batch_size, weight.device, weight.dtype, offload, max_tokens)
+        states = self.allocate_inference_cache(batch_size, weight.device, weight.dtype)
+        return HSACache(self.config, self, states, batch_size, weight.device, weight.dtype, offload, max_tokens)
+
+    def allocate_inference_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype,
+                                 upper_only: bool = False) -> list:
+        """The empty inference state of every block's mixer (of the upper blocks only with upper_only)."""
+        blocks = list(self.upper) if upper_only else [*self.lower, *self.upper]
+        return [block.allocate_inference_cache(batch_size, device, dtype) for block in blocks]
 
     # ------------------------------------------------------------------ forward
     def _check_ids(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> None:
@@ -185,17 +196,17 @@ class HSAHybrid(nn.Module):
             return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def _run_upper(self, x: torch.Tensor, memory, layout: DocLayout, doc_ids: torch.Tensor | None,
+    def _run_upper(self, x: torch.Tensor, memory: Memory | None, layout: DocLayout, docs: DocIndex | None,
                    states: list | None, positions: torch.Tensor | None,
                    valid: torch.Tensor | None) -> tuple[torch.Tensor, Selections]:
         retrieval = []
         for i, block in enumerate(self.upper):
             state = None if states is None else states[i]
             if isinstance(block, HSABlock):
-                x, indices, weights = self._block(block, x, doc_ids, memory, layout, state, positions, valid)
+                x, indices, weights = self._block(block, x, docs, memory, layout, state, positions, valid)
                 retrieval.append((indices, weights))
             else:
-                x = self._block(block, x, doc_ids, state, positions, valid)
+                x = self._block(block, x, docs, state, positions, valid)
         return x, retrieval
 
     def _forward_full(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, doc_ids: torch.Tensor | None,
@@ -205,20 +216,20 @@ class HSAHybrid(nn.Module):
         layout = build_layout(tuple(input_ids.shape), input_ids.device, attention_mask, doc_ids, cu_seqlens)
         x = self.embed(input_ids.long())
         for block in self.lower:
-            x = self._block(block, x, layout.doc_ids)
+            x = self._block(block, x, layout.docs)
         memory = self.encoder(layout.unpack(self.memory_norm(x))) if self.encoder is not None else None
         start = length - keep - self.upper_receptive_field
         if self.upper_all_swa and layout.trivial and start > 0:  # exact shortcut: only the receptive field
             positions = torch.arange(start, length, device=x.device)
             x, retrieval = self._run_upper(x[:, start:], memory, layout, None, None, positions, None)
             return x[:, x.shape[1] - keep:], _last(retrieval, keep)
-        x, retrieval = self._run_upper(x, memory, layout, layout.doc_ids, None, None, None)
+        x, retrieval = self._run_upper(x, memory, layout, layout.docs, None, None, None)
         return x[:, length - keep:], _last(retrieval, keep)
 
     def _forward_cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: HSACache,
                         keep: int) -> tuple[torch.Tensor, Selections]:
         """The next segment of every row, continuing from and updating `cache`."""
-        cache.check(self, input_ids, attention_mask)
+        cache.check(self, input_ids, attention_mask, self.embed.weight)
         B, L = input_ids.shape
         device = input_ids.device
         valid = None if attention_mask is None else attention_mask.to(device) != 0
@@ -251,7 +262,7 @@ class HSAHybrid(nn.Module):
         if cache.upper_stale or keep + R < L:
             # fresh states: the window's first R positions rebuild every layer's last W-1 keys exactly
             start = max(0, context.shape[1] - keep - R)
-            fresh = [new_mixer_state(self.config, n_lower + i, B, device, x.dtype) for i in range(len(self.upper))]
+            fresh = self.allocate_inference_cache(B, device, cache.dtype, upper_only=True)
             x, retrieval = self._run_upper(context[:, start:], cache.store, DocLayout(B, context.shape[1] - start),
                                            None, fresh, context_positions[:, start:], context_valid[:, start:])
             cache.states[n_lower:] = fresh

@@ -147,10 +147,10 @@ def test_cache_misuse_is_rejected():
 
 
 def test_memory_that_does_not_fit_says_to_offload(monkeypatch):
-    import ramba.cache
+    import ramba.memory
 
     model = HSAHybrid(small_config())
-    monkeypatch.setattr(ramba.cache, "_available_bytes", lambda device: 1000)
+    monkeypatch.setattr(ramba.memory, "_available_bytes", lambda device: 1000)
     with pytest.raises(MemoryError, match="offload=True"):
         model(torch.randint(0, 50, (1, 40)), cache=model.new_cache(1))
 
@@ -172,10 +172,10 @@ def test_reserved_memory_gives_the_same_logits_without_regrowing(offload, reserv
 
 
 def test_reserving_more_than_fits_fails_at_once(monkeypatch):
-    import ramba.cache
+    import ramba.memory
 
     model = HSAHybrid(small_config())
-    monkeypatch.setattr(ramba.cache, "_available_bytes", lambda device: 10**6)
+    monkeypatch.setattr(ramba.memory, "_available_bytes", lambda device: 10**6)
     with pytest.raises(MemoryError, match="offload=True"):
         model.new_cache(1, max_tokens=10**6)
     assert model.new_cache(1, max_tokens=160).store.capacity == 10

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ramba.config import HSAHybridConfig
-from ramba.layers.mamba2 import GatedRMSNorm, Mamba2, doc_starts
-from ramba.ops.ssd import causal_conv1d_ref, ssd_scan
+from ramba.layers.mamba2 import GatedRMSNorm, Mamba2
+from ramba.ops.ssd import causal_conv1d, causal_conv1d_ref, ssd_scan
+from ramba.ops.utils import starts_from_ids as doc_starts
 
 HAS_CUDA_PATH = torch.cuda.is_available() and importlib.util.find_spec("mamba_ssm") is not None
 
@@ -155,8 +156,6 @@ def assert_close_in_scale(actual: torch.Tensor, expected: torch.Tensor, mean_tol
 
 @pytest.mark.skipif(not HAS_CUDA_PATH, reason="needs CUDA and mamba_ssm")
 def test_cuda_path_matches_reference():
-    from ramba.ops.ssd.cuda import causal_conv1d_cuda, ssd_scan_cuda
-
     torch.manual_seed(0)
     dev = torch.device("cuda")
     b, l, h, p, g, n = 2, 300, 8, 16, 2, 32
@@ -165,10 +164,10 @@ def test_cuda_path_matches_reference():
     A, D = -torch.rand(h, device=dev) * 4 - 0.5, torch.randn(h, device=dev)
     seq_start = torch.rand(b, l, device=dev) < 0.02
     expected = ssd_scan(x.double(), dt.double(), A.double(), B.double(), C.double(), 64, D.double(), seq_start)
-    assert_close_in_scale(ssd_scan_cuda(x, dt, A, B, C, 64, D, seq_start), expected, 5e-3, 0.1)
+    assert_close_in_scale(ssd_scan(x, dt, A, B, C, 64, D, seq_start, backend="cuda"), expected, 5e-3, 0.1)
 
     xc, weight, bias = torch.randn(b, l, 48, device=dev), torch.randn(48, 4, device=dev), torch.randn(48, device=dev)
-    torch.testing.assert_close(causal_conv1d_cuda(xc, weight, bias, seq_start),
+    torch.testing.assert_close(causal_conv1d(xc, weight, bias, seq_start, backend="cuda"),
                                causal_conv1d_ref(xc, weight, bias, seq_start), rtol=1e-4, atol=1e-4)
 
     cuda_layer = make_layer(mamba_backend="cuda", d_model=64, mamba_chunk_size=64).float().to(dev)
@@ -182,8 +181,6 @@ def test_cuda_path_matches_reference():
 def test_compiled_backend_matches_reference():
     """The torch.compile'd ops (Mamba2's path on CUDA without mamba_ssm) give the reference's outputs and
     gradients, in a full forward with documents and in a cached prefill of segments continued by one token."""
-    from ramba.cache import new_mixer_state
-
     gen = torch.Generator().manual_seed(3)
     ref, fast = make_layer(), make_layer(mamba_backend="compile")
     x = torch.randn(2, 37, 32, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -196,7 +193,7 @@ def test_compiled_backend_matches_reference():
     torch.testing.assert_close(g_fast, g_ref, rtol=1e-9, atol=1e-9)
 
     def cached(layer: Mamba2) -> torch.Tensor:
-        state = new_mixer_state(make_config(local_mixer="mamba2"), 0, 2, torch.device("cpu"), torch.float64)
+        state = layer.allocate_inference_cache(2, torch.device("cpu"), torch.float64)
         with torch.no_grad():
             return torch.cat([layer(x[:, s:e].detach(), state=state) for s, e in [(0, 20), (20, 36), (36, 37)]], 1)
 

@@ -9,7 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ramba.ops.ssd import causal_conv1d_ref, ssd_scan
-from ramba.ops.ssd.cuda import seq_idx_from_starts
+from ramba.ops.utils import seq_idx_from_starts
 
 F64 = torch.float64
 

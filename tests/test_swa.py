@@ -14,7 +14,7 @@ from ramba.config import HSAHybridConfig
 from ramba.layers.swa import SlidingWindowAttention
 from ramba.ops.swa import (sliding_window_attention, swa_cached_blocked, swa_cached_reference, swa_flash, swa_flex,
                            swa_reference)
-from ramba.ops.swa.flash import doc_cu_seqlens
+from ramba.ops.utils import DocIndex
 
 HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
 
@@ -134,12 +134,13 @@ def test_validation(bad):
 def test_unknown_backend():
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(ValueError, match="backend"):
-        sliding_window_attention(q, q, q, 4, backend="auto")
+        sliding_window_attention(q, q, q, 4, backend="bogus")
 
 
 def test_doc_cu_seqlens():
     doc_ids = torch.tensor([[3, 3, 4, 4, 4, 7], [1, 1, 1, 1, 1, 1], [2, 5, 5, 5, 2, 2]])
-    cu_seqlens, max_seqlen = doc_cu_seqlens(doc_ids)
+    docs = DocIndex(doc_ids)
+    cu_seqlens, max_seqlen = docs.cu_seqlens, docs.max_seqlen
     assert cu_seqlens.dtype == torch.int32
     assert cu_seqlens.tolist() == [0, 2, 5, 6, 12, 13, 16, 18]
     assert max_seqlen == 6
@@ -200,7 +201,7 @@ def test_flash_matches_reference(docs):
     gen = torch.Generator().manual_seed(3)
     q, k, v = (x.cuda() for x in random_qkv(gen, 2, 300, 8, 2, 64, torch.bfloat16))
     doc_ids = random_docs(gen, 2, 300, 0.01).cuda() if docs else None
-    got = swa_flash(q, k, v, 64, doc_ids)
+    got = swa_flash(q, k, v, 64, None if doc_ids is None else DocIndex(doc_ids))
     want = swa_reference(q.float(), k.float(), v.float(), 64, doc_ids)
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
 

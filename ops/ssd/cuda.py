@@ -13,13 +13,6 @@ from torch import Tensor
 from .naive import causal_conv1d_ref
 
 
-def seq_idx_from_starts(seq_start: Tensor | None) -> Tensor | None:
-    """bool [b, l] document starts -> contiguous int32 [b, l] document index, as mamba_ssm's `seq_idx`."""
-    if seq_start is None:
-        return None
-    return torch.cumsum(seq_start.to(torch.int32), dim=1, dtype=torch.int32).contiguous()
-
-
 def _require_cuda(op: str, *tensors: Tensor) -> None:
     devices = {t.device.type for t in tensors}
     if devices != {"cuda"}:
@@ -27,9 +20,10 @@ def _require_cuda(op: str, *tensors: Tensor) -> None:
 
 
 def ssd_scan_cuda(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
-                  D: Tensor | None = None, seq_start: Tensor | None = None) -> Tensor:
+                  D: Tensor | None = None, seq_idx: Tensor | None = None) -> Tensor:
     """`naive.ssd_scan` through `mamba_chunk_scan_combined`; x: [b, l, h, p], dt: [b, l, h] (after
-    softplus), A: [h], B, C: [b, l, g, n], D: [h], seq_start: bool [b, l] -> y [b, l, h, p] in x's dtype."""
+    softplus), A: [h], B, C: [b, l, g, n], D: [h], seq_idx: int32 [b, l] document index -> y [b, l, h, p]
+    in x's dtype."""
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     except ImportError as err:
@@ -37,13 +31,14 @@ def ssd_scan_cuda(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_
     _require_cuda("ssd_scan_cuda", x, dt, A, B, C)
     if x.shape[1] == 0:
         return x.clone()
-    y = mamba_chunk_scan_combined(x, dt, A.float(), B, C, chunk_size, D=D, seq_idx=seq_idx_from_starts(seq_start))
+    y = mamba_chunk_scan_combined(x, dt, A.float(), B, C, chunk_size, D=D, seq_idx=seq_idx)
     return y.to(x.dtype)
 
 
 def causal_conv1d_cuda(x: Tensor, weight: Tensor, bias: Tensor | None = None,
-                       seq_start: Tensor | None = None) -> Tensor:
-    """`naive.causal_conv1d_ref` through `causal_conv1d_fn`; x: [b, l, c], weight: [c, k], bias: [c] -> [b, l, c].
+                       seq_start: Tensor | None = None, seq_idx: Tensor | None = None) -> Tensor:
+    """`naive.causal_conv1d_ref` through `causal_conv1d_fn`; x: [b, l, c], weight: [c, k], bias: [c] -> [b, l, c];
+    documents as seq_start bool [b, l] (for the reference) and seq_idx int32 [b, l] (for the kernel).
 
     Uses the reference where causal_conv1d is not installed or its kernel cannot take the shape
     (it needs 2 <= k <= 4 and c % 8 == 0 for the channel-last layout that `seq_idx` requires).
@@ -58,5 +53,5 @@ def causal_conv1d_cuda(x: Tensor, weight: Tensor, bias: Tensor | None = None,
         return causal_conv1d_ref(x, weight, bias, seq_start)
     if bias is not None:
         bias = bias.to(weight.dtype)
-    out = causal_conv1d_fn(x.contiguous().transpose(1, 2), weight, bias, seq_idx=seq_idx_from_starts(seq_start))
+    out = causal_conv1d_fn(x.contiguous().transpose(1, 2), weight, bias, seq_idx=seq_idx)
     return out.transpose(1, 2)

@@ -17,7 +17,7 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _check_scan_shapes(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+def check_scan_inputs(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                        D: Tensor | None, seq_start: Tensor | None) -> None:
     if x.dim() != 4:
         raise ValueError(f"ssd_scan: x must be [b, l, h, p], got shape {tuple(x.shape)}")
@@ -81,7 +81,7 @@ def _pass_states(chunk_states: Tensor, log_decay: Tensor, carries: Tensor, state
     return torch.cat([entering[0].unsqueeze(1), after[:, :-1]], dim=1), state
 
 
-def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+def ssd_scan_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
              D: Tensor | None = None, seq_start: Tensor | None = None, initial_state: Tensor | None = None,
              return_final_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Mamba2's chunked SSD scan; returns y `[b, l, h, p]` in x's dtype (and the final state).
@@ -92,7 +92,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     return_final_state, also returns the state after the last token, [b, h, p, n] in the compute dtype.
     Computed in float32 (float64 for float64 inputs) with O(l * chunk_size) memory.
     """
-    _check_scan_shapes(x, dt, A, B, C, D, seq_start)
+    check_scan_inputs(x, dt, A, B, C, D, seq_start)
     if chunk_size < 1:
         raise ValueError(f"ssd_scan: chunk_size must be positive, got {chunk_size}")
     b, l, h, p = x.shape
@@ -147,6 +147,19 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     return (y, state) if return_final_state else y
 
 
+def check_conv_inputs(x: Tensor, weight: Tensor, bias: Tensor | None, seq_start: Tensor | None) -> None:
+    """Raise ValueError unless x [b, l, c], weight [c, k], bias [c] and seq_start [b, l]."""
+    if x.dim() != 3:
+        raise ValueError(f"causal_conv1d: x must be [b, l, c], got shape {tuple(x.shape)}")
+    b, l, c = x.shape
+    if weight.dim() != 2 or weight.shape[0] != c:
+        raise ValueError(f"causal_conv1d: weight must be [c, k] with c = {c}, got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (c,):
+        raise ValueError(f"causal_conv1d: bias must be [c] = {(c,)}, got {tuple(bias.shape)}")
+    if seq_start is not None and seq_start.shape != (b, l):
+        raise ValueError(f"causal_conv1d: seq_start must be [b, l] = {(b, l)}, got {tuple(seq_start.shape)}")
+
+
 def causal_conv1d_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None,
                       seq_start: Tensor | None = None) -> Tensor:
     """Depthwise causal conv over time, no activation; x: [b, l, c], weight: [c, k], bias: [c] -> [b, l, c].
@@ -154,15 +167,8 @@ def causal_conv1d_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     out_t = bias + sum_j weight[:, k-1-j] * x_{t-j}; with seq_start (bool [b, l]) taps stop at the
     first token of t's document. Computed in float32 (float64 for float64 inputs), returned in x's dtype.
     """
-    if x.dim() != 3:
-        raise ValueError(f"causal_conv1d_ref: x must be [b, l, c], got shape {tuple(x.shape)}")
+    check_conv_inputs(x, weight, bias, seq_start)
     b, l, c = x.shape
-    if weight.dim() != 2 or weight.shape[0] != c:
-        raise ValueError(f"causal_conv1d_ref: weight must be [c, k] with c = {c}, got {tuple(weight.shape)}")
-    if bias is not None and bias.shape != (c,):
-        raise ValueError(f"causal_conv1d_ref: bias must be [c] = {(c,)}, got {tuple(bias.shape)}")
-    if seq_start is not None and seq_start.shape != (b, l):
-        raise ValueError(f"causal_conv1d_ref: seq_start must be [b, l] = {(b, l)}, got {tuple(seq_start.shape)}")
     k = weight.shape[1]
     ct = _compute_dtype(x, weight)
     xf, wf = x.to(ct), weight.to(ct)
@@ -180,7 +186,7 @@ def causal_conv1d_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     return out.to(x.dtype)
 
 
-def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, group_size: int, eps: float) -> Tensor:
+def gated_rms_norm_ref(y: Tensor, z: Tensor, weight: Tensor, group_size: int, eps: float) -> Tensor:
     """Mamba2's output norm, `rmsnorm(y * silu(z)) * weight` over groups of `group_size` channels, in float32
     (float64 for float64 inputs); y, z: [..., dim], weight: [dim] -> y's dtype."""
     ct = torch.promote_types(y.dtype, torch.float32)

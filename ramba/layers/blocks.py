@@ -5,15 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cache import ChunkStore, Mamba2State, SWAState
+from ramba.ops import DocIndex
+
 from ..config import HSAHybridConfig
 from ..documents import DocLayout
-from .chunk_encoder import ChunkMemory
+from ..memory import Memory
 from .hsa import HSA
-from .mamba2 import Mamba2
+from .mamba2 import Mamba2, Mamba2State
 from .mlp import MLP
 from .norm import RMSNorm
-from .swa import SlidingWindowAttention
+from .swa import SlidingWindowAttention, SWAState
 
 MixerState = SWAState | Mamba2State
 MIXER_CLASSES: dict[str, type[nn.Module]] = {"swa": SlidingWindowAttention, "mamba2": Mamba2}
@@ -34,9 +35,13 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps) if config.plain_block_mlp else None
         self.mlp = MLP(config.d_model, config.intermediate_size) if config.plain_block_mlp else None
 
-    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None, state: MixerState | None = None,
+    def allocate_inference_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixerState:
+        """The empty inference state of this block's mixer."""
+        return self.mixer.allocate_inference_cache(batch_size, device, dtype)
+
+    def forward(self, x: torch.Tensor, docs: DocIndex | None, state: MixerState | None = None,
                 positions: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), doc_ids, state, positions, valid)
+        x = x + self.mixer(self.mixer_norm(x), docs, state, positions, valid)
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
         return x
@@ -56,10 +61,14 @@ class HSABlock(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config.d_model, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None, memory: ChunkMemory | ChunkStore,
-                layout: DocLayout, state: MixerState | None = None, positions: torch.Tensor | None = None,
+    def allocate_inference_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixerState:
+        """The empty inference state of this block's mixer."""
+        return self.mixer.allocate_inference_cache(batch_size, device, dtype)
+
+    def forward(self, x: torch.Tensor, docs: DocIndex | None, memory: Memory, layout: DocLayout,
+                state: MixerState | None = None, positions: torch.Tensor | None = None,
                 valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = x + self.mixer(self.mixer_norm(x), doc_ids, state, positions, valid)
+        x = x + self.mixer(self.mixer_norm(x), docs, state, positions, valid)
         hsa_positions = None if positions is None else positions.expand(x.shape[0], -1)
         h, indices, weights = self.hsa(self.hsa_norm(x), memory, layout, hsa_positions)
         mixed = x + h

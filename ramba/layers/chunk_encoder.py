@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import HSAHybridConfig
+from ..memory import ChunkMemory
 from .mlp import MLP
 from .norm import RMSNorm
 from .rope import apply_rope, rope_angles
-
-
-@dataclass
-class ChunkMemory:
-    """landmarks [N, C, Hr, dr]; k, v [N, C*S, H, D] (one row per document of the DocLayout)."""
-
-    landmarks: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-
-    def retrieval_landmarks(self) -> torch.Tensor:
-        return self.landmarks
-
-    def for_aggregate(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """k, v and indices for hsa_aggregate (the cache's offloaded store renumbers; this does not)."""
-        return self.k, self.v, indices
 
 
 class EncoderLayer(nn.Module):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,10 +10,7 @@ from ramba.ops import hsa_aggregate, hsa_retrieve
 
 from ..config import HSAHybridConfig
 from ..documents import DocLayout
-from .chunk_encoder import ChunkMemory
-
-if TYPE_CHECKING:
-    from ..cache import ChunkStore
+from ..memory import Memory
 
 
 def retrieval_weights(scores: torch.Tensor, indices: torch.Tensor, kind: str) -> torch.Tensor:
@@ -48,7 +43,7 @@ class HSA(nn.Module):
         self.qr_proj = nn.Linear(d, config.num_retrieval_heads * config.retrieval_dim, bias=False)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, d, bias=False)
 
-    def forward(self, x: torch.Tensor, memory: ChunkMemory | ChunkStore, layout: DocLayout,
+    def forward(self, x: torch.Tensor, memory: Memory, layout: DocLayout,
                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
         xs = layout.unpack(x)

@@ -3,42 +3,41 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ramba.ops.backends import pick
 from ramba.config import HSAHybridConfig
-from ramba.cache import Mamba2State
-from ramba.ops.ssd import causal_conv1d_ref, gated_rms_norm, ssd_scan, ssd_step
-from ramba.ops.ssd.compiled import causal_conv1d_compiled, gated_rms_norm_compiled, ssd_scan_compiled
-from ramba.ops.ssd.cuda import causal_conv1d_cuda, ssd_scan_cuda
+from ramba.ops import DocIndex, causal_conv1d, gated_rms_norm, ssd_scan
+from ramba.ops.utils import as_doc_index
 
 DT_MIN, DT_MAX, DT_INIT_FLOOR = 1e-3, 0.1, 1e-4
 A_INIT_RANGE = (1.0, 16.0)
 
 
-def doc_starts(doc_ids: Tensor) -> Tensor:
-    """doc_ids [B, L] -> bool [B, L]: True at position 0 and wherever the id differs from the previous one."""
-    starts = torch.ones(doc_ids.shape, dtype=torch.bool, device=doc_ids.device)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    return starts
+@dataclass
+class Mamba2State:
+    """The last d_conv-1 conv inputs [B, d_conv-1, conv_dim] and the SSM state [B, heads, head_dim, d_state]."""
+
+    conv: Tensor
+    ssm: Tensor
 
 
 class GatedRMSNorm(nn.Module):
     """`rmsnorm(y * silu(z)) * weight` over groups of `group_size` channels, in float32 (float64 for
     float64 inputs); y, z: [..., dim] -> y's dtype."""
 
-    def __init__(self, dim: int, group_size: int, eps: float = 1e-5):
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-5, backend: str = "auto"):
         super().__init__()
         self.group_size = group_size
         self.eps = eps
+        self.backend = backend
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, y: Tensor, z: Tensor, compiled: bool = False) -> Tensor:
-        norm = gated_rms_norm_compiled if compiled else gated_rms_norm
-        return norm(y, z, self.weight, self.group_size, self.eps)
+    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        return gated_rms_norm(y, z, self.weight, self.group_size, self.eps, backend=self.backend)
 
 
 def _no_weight_decay(param: nn.Parameter) -> nn.Parameter:
@@ -78,37 +77,35 @@ class Mamba2(nn.Module):
         self.A_log = _no_weight_decay(nn.Parameter(torch.log(A)))
         self.D = _no_weight_decay(nn.Parameter(torch.ones(self.nheads)))
 
-        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.ngroups, eps=config.norm_eps)
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.ngroups, config.norm_eps, self.backend)
         self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=False)
 
-    def _check_inputs(self, x: Tensor, doc_ids: Tensor | None) -> None:
+    def allocate_inference_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> Mamba2State:
+        """An empty state: zero conv inputs, and a zero SSM state in float32 (float64 for float64 models)."""
+        conv = torch.zeros(batch_size, self.conv1d.kernel_size[0] - 1, self.conv1d.in_channels, device=device,
+                           dtype=dtype)
+        ssm = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
+                          dtype=torch.promote_types(dtype, torch.float32))
+        return Mamba2State(conv, ssm)
+
+    def forward(self, x: Tensor, docs: DocIndex | Tensor | None = None, state: Mamba2State | None = None,
+                positions: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
+        """x: [B, L, d_model] -> [B, L, d_model]; docs: the documents (integer ids [B, L] or a DocIndex). With a
+        state (inference), continue from it and update it; valid bool [B, L] marks real tokens (left padding
+        is allowed before a row's first token)."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"Mamba2: x must be [B, L, d_model={self.d_model}], got shape {tuple(x.shape)}")
-        if doc_ids is not None:
-            if tuple(doc_ids.shape) != tuple(x.shape[:2]):
-                raise ValueError(f"Mamba2: doc_ids must be [B, L] = {tuple(x.shape[:2])}, "
-                                 f"got shape {tuple(doc_ids.shape)}")
-            if doc_ids.is_floating_point() or doc_ids.is_complex():
-                raise ValueError(f"Mamba2: doc_ids must be an integer tensor, got {doc_ids.dtype}")
-
-    def forward(self, x: Tensor, doc_ids: Tensor | None = None, state: Mamba2State | None = None,
-                positions: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
-        """x: [B, L, d_model] -> [B, L, d_model]. With a state (inference), continue from it and update it;
-        valid bool [B, L] marks real tokens (left padding is allowed before a row's first token)."""
-        self._check_inputs(x, doc_ids)
-        backend = pick("mamba", self.backend, x.device)
         if state is not None:
-            return self._forward_cached(x, state, valid, compiled=backend != "torch")
-        conv, scan = {"cuda": (causal_conv1d_cuda, ssd_scan_cuda), "torch": (causal_conv1d_ref, ssd_scan),
-                      "compile": (causal_conv1d_compiled, ssd_scan_compiled)}[backend]
+            return self._forward_cached(x, state, valid)
+        docs = as_doc_index(docs)
+        if docs is not None and docs.shape != x.shape[:2]:
+            raise ValueError(f"Mamba2: doc_ids must be [B, L] = {tuple(x.shape[:2])}, got shape {tuple(docs.shape)}")
         b, l, _ = x.shape
-        seq_start = None if doc_ids is None else doc_starts(doc_ids.to(x.device))
-
         z, xbc, dt = torch.split(self.in_proj(x), [self.d_inner, self.conv1d.in_channels, self.nheads], dim=-1)
-        xbc = F.silu(conv(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_start))
+        xbc = F.silu(causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, docs, backend=self.backend))
         xs, B, C = torch.split(xbc, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         ct = torch.promote_types(dt.dtype, torch.float32)  # float32, or float64 for float64 inputs
-        y = scan(
+        y = ssd_scan(
             xs.reshape(b, l, self.nheads, self.headdim),
             F.softplus(dt.to(ct) + self.dt_bias.to(ct)),
             -torch.exp(self.A_log.to(ct)),
@@ -116,35 +113,27 @@ class Mamba2(nn.Module):
             C.reshape(b, l, self.ngroups, self.d_state),
             self.chunk_size,
             self.D,
-            seq_start,
+            docs,
+            backend=self.backend,
         )
-        return self.out_proj(self.norm(y.reshape(b, l, self.d_inner), z, compiled=backend == "compile"))
+        return self.out_proj(self.norm(y.reshape(b, l, self.d_inner), z))
 
-    def _forward_cached(self, x: Tensor, state: Mamba2State, valid: Tensor | None, compiled: bool) -> Tensor:
-        """The segment x continues from `state` (updated in place); compiled: the torch.compile'd ops for
-        segments of more than one token (the cached path never uses mamba_ssm)."""
+    def _forward_cached(self, x: Tensor, state: Mamba2State, valid: Tensor | None) -> Tensor:
+        """The segment x continues from `state` (updated in place)."""
         b, l, _ = x.shape
         z, xbc, dt = torch.split(self.in_proj(x), [self.d_inner, self.conv1d.in_channels, self.nheads], dim=-1)
         seq_start = None
         if valid is not None:  # padding feeds zeros to the conv and the state restarts at the first token
             xbc = xbc * valid[..., None].to(xbc.dtype)
             seq_start = valid & F.pad(~valid[:, :-1], (1, 0), value=False)
-        compiled = compiled and l > 1
-        history = torch.cat([state.conv, xbc], dim=1)
-        conv1d = causal_conv1d_compiled if compiled else causal_conv1d_ref
-        conv = conv1d(history, self.conv1d.weight.squeeze(1), self.conv1d.bias)[:, -l:]
-        state.conv = history[:, history.shape[1] - state.conv.shape[1]:]
+        conv, state.conv = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                         initial_state=state.conv, return_final_state=True, backend=self.backend)
         xs, B, C = torch.split(F.silu(conv), [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state],
                                dim=-1)
         ct = state.ssm.dtype
         dt = F.softplus(dt.to(ct) + self.dt_bias.to(ct))
         A = -torch.exp(self.A_log.to(ct))
         xs, B, C = xs.reshape(b, l, self.nheads, self.headdim), B.reshape(b, l, self.ngroups, -1), C.reshape(b, l, self.ngroups, -1)
-        if l == 1 and seq_start is None:
-            y, state.ssm = ssd_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, state.ssm)
-            y = y[:, None]
-        else:
-            scan = ssd_scan_compiled if compiled else ssd_scan
-            y, state.ssm = scan(xs, dt, A, B, C, self.chunk_size, self.D, seq_start, initial_state=state.ssm,
-                                return_final_state=True)
-        return self.out_proj(self.norm(y.reshape(b, l, self.d_inner), z, compiled=compiled))
+        y, state.ssm = ssd_scan(xs, dt, A, B, C, self.chunk_size, self.D, seq_start, initial_state=state.ssm,
+                                return_final_state=True, backend=self.backend)
+        return self.out_proj(self.norm(y.reshape(b, l, self.d_inner), z))

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from ramba.ops.backends import pick
-from ramba.cache import SWAState
 from ramba.config import HSAHybridConfig
 from ramba.layers.rope import apply_rope, rope_angles
-from ramba.ops.swa import sliding_window_attention, swa_cached_blocked
+from ramba.ops import DocIndex, sliding_window_attention
+
+
+@dataclass
+class SWAState:
+    """Keys (after RoPE) and values of the last min(W-1, tokens seen) positions: k, v [B, n, H, D]; valid
+    bool [B, n] (False for padding)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    valid: torch.Tensor
 
 
 class SlidingWindowAttention(nn.Module):
@@ -27,9 +37,14 @@ class SlidingWindowAttention(nn.Module):
         self.v_proj = nn.Linear(config.d_model, config.num_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, state: SWAState | None = None,
+    def allocate_inference_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> SWAState:
+        """An empty state; it grows to the last W-1 keys as tokens arrive (never more than were seen)."""
+        kv = torch.zeros(batch_size, 0, self.num_kv_heads, self.head_dim, device=device, dtype=dtype)
+        return SWAState(kv, kv.clone(), torch.zeros(batch_size, 0, dtype=torch.bool, device=device))
+
+    def forward(self, x: torch.Tensor, docs: DocIndex | torch.Tensor | None = None, state: SWAState | None = None,
                 positions: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, L, d_model], doc_ids: optional integer [B, L] -> [B, L, d_model].
+        """x: [B, L, d_model], docs: the documents (integer ids [B, L] or a DocIndex) -> [B, L, d_model].
 
         With a state (inference): positions [B, L] are absolute, valid bool [B, L] marks real tokens (not
         padding); the keys of the last W-1 positions are read from and written back to the state.
@@ -42,15 +57,14 @@ class SlidingWindowAttention(nn.Module):
             positions = torch.arange(length, device=x.device)
         cos, sin = rope_angles(positions, self.head_dim, self.config.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        backend = self.config.swa_backend
         if state is None:
-            backend = pick("swa", self.config.swa_backend, x.device)
-            out = sliding_window_attention(q, k, v, self.config.window, doc_ids, backend)
+            out = sliding_window_attention(q, k, v, self.config.window, docs, backend)
         else:
             keys, values = torch.cat([state.k, k], dim=1), torch.cat([state.v, v], dim=1)
             real = torch.ones(batch, length, dtype=torch.bool, device=x.device) if valid is None else valid
             key_valid = torch.cat([state.valid, real], dim=1)
-            out = swa_cached_blocked(q, keys, values, self.config.window, key_valid)
-            keep = state.k.shape[1]
-            state.k, state.v = keys[:, keys.shape[1] - keep:], values[:, values.shape[1] - keep:]
-            state.valid = key_valid[:, key_valid.shape[1] - keep:]
+            out = sliding_window_attention(q, keys, values, self.config.window, backend=backend, key_valid=key_valid)
+            start = max(0, keys.shape[1] - (self.config.window - 1))
+            state.k, state.v, state.valid = keys[:, start:], values[:, start:], key_valid[:, start:]
         return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
