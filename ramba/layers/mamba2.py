@@ -49,8 +49,9 @@ def _no_weight_decay(param: nn.Parameter) -> nn.Parameter:
 class Mamba2(nn.Module):
     """Mamba2 mixer: in_proj -> causal conv + silu -> SSD scan -> gated RMSNorm -> out_proj.
 
-    x: [B, L, d_model], doc_ids: optional int [B, L] (contiguous runs of equal id are documents that
-    never interact) -> [B, L, d_model].
+    x: [B, L, d_model], docs: optional documents (int ids [B, L], contiguous runs of equal id are documents
+    that never interact, or a DocIndex) -> [B, L, d_model]. Its ops (`ramba.ops.causal_conv1d`, `ssd_scan`,
+    `gated_rms_norm`) run on `config.mamba_backend`.
     """
 
     def __init__(self, config: HSAHybridConfig, layer_idx: int):
