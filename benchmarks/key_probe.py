@@ -34,6 +34,7 @@ from ramba import HSAHybrid
 from ramba.data.synthetic import ADJECTIVES
 from ramba.data.tasks import TASKS
 from ramba.layers.hsa import HSA
+from ramba.loading import load_model
 from ramba.tokenizer import ByteTokenizer
 
 NEEDLE = re.compile(r" One hidden number for ([a-z]+)-[a-z]+ is (\d+)\.")
@@ -200,7 +201,8 @@ def report(f: Features, seed: int = 0) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a directory written by HSAHybrid.save_pretrained")
+    p.add_argument("--checkpoint", required=True,
+                   help="a directory written by HSAHybrid.save_pretrained, or builtin:tiny-random")
     p.add_argument("--prompts", type=int, default=3000, help="prompts drawn (about half are usable)")
     p.add_argument("--min-length", type=int, default=512)
     p.add_argument("--length", type=int, default=760)
@@ -210,7 +212,10 @@ def main(argv: list[str] | None = None) -> str:
     args = p.parse_args(argv)
     if not 448 <= args.min_length <= args.length:
         p.error("--min-length must be at least 448 (four needles need it) and at most --length")
-    model = HSAHybrid.from_pretrained(args.checkpoint, device=args.device).float().eval()
+    try:
+        model = load_model(args.checkpoint, args.device, "float32")
+    except ValueError as err:
+        p.error(f"--checkpoint: {err}")
     if not model.config.use_hsa:
         p.error(f"{args.checkpoint} has no HSA block to probe")
     text = report(collect(model, args.prompts, args.seed, args.min_length, args.length))
