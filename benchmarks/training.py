@@ -14,9 +14,9 @@ import time
 import torch
 
 from benchmarks.common import command_line
-from benchmarks.long_context import DenseModel
 from benchmarks.profiling import top_ops
 from ramba import HSAHybrid, HSAHybridConfig
+from ramba.dense import DenseTransformer
 
 
 def step_fn(model: torch.nn.Module, dense: bool):
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name}: {r['step_ms']:.1f} ms per step, {r['tokens_per_s']:,.0f} tokens/s, "
                   f"peak {r['peak_gib']:.1f} GiB", flush=True)
             torch.cuda.empty_cache()
-    dense = DenseModel(HSAHybridConfig.preset(args.preset))
+    dense = DenseTransformer(HSAHybridConfig.preset(args.preset))
     rows.append(measure(f"{args.preset} dense SDPA", dense, True, args.batch_size, args.seq_len, args.steps,
                         args.profile))
     by_name = {r["model"]: r for r in rows}
