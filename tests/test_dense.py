@@ -57,7 +57,8 @@ def test_dense_baseline_cache_equals_full_pass():
     with torch.no_grad():
         full = model(ids).logits
         cache = model.new_cache(1)
-        pieces = [model(ids[:, a:b], cache=cache, logits_to_keep=b - a).logits for a, b in ((0, 20), (20, 21), (21, 50))]
+        pieces = [model(ids[:, a:b], cache=cache, logits_to_keep=b - a).logits
+                  for a, b in ((0, 20), (20, 21), (21, 50))]
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-10)
     assert cache.length == 50
 
