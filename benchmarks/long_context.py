@@ -26,6 +26,7 @@ from benchmarks.common import parse_length
 from benchmarks.profiling import top_ops
 from ramba import HSAHybrid, HSAHybridConfig
 from ramba.dense import DenseTransformer
+from ramba.generation import greedy_steps
 
 
 @dataclass
@@ -81,10 +82,11 @@ def run_hybrid(config: HSAHybridConfig, length: int, segment: int, decode_steps:
         out = model(ids, cache=cache, logits_to_keep=1 if pos + segment >= length else 0)
     prefill = synchronize_time() - start
     token = out.logits[:, -1].argmax(-1, keepdim=True)
+    steps = greedy_steps(model, cache, token)
     times = []
     for _ in range(decode_steps):
         t0 = synchronize_time()
-        token = model(token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+        token = next(steps)
         times.append(synchronize_time() - t0)
     decode = statistics.median(times[len(times) // 4:]) * 1e3 if times else None
     if profile:
@@ -114,11 +116,11 @@ def run_dense(config: HSAHybridConfig, length: int, segment: int, decode_steps: 
                 return Result(name, length, None, None, torch.cuda.max_memory_allocated() / 2**30, cpu_peak_gib(),
                               f"stopped after {done:,} tokens; quadratic estimate {estimate / 60:.0f} min")
         prefill = synchronize_time() - start
-        token = out[:, -1].argmax(-1, keepdim=True)
+        steps = greedy_steps(model, cache, out[:, -1].argmax(-1, keepdim=True))
         times = []
         for _ in range(decode_steps):
             t0 = synchronize_time()
-            token = model(token, cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+            next(steps)
             times.append(synchronize_time() - t0)
     except torch.cuda.OutOfMemoryError:
         return Result(name, length, None, None, None, cpu_peak_gib(), "does not fit in GPU memory")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import chain
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -29,6 +29,16 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
         sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def greedy_steps(model: torch.nn.Module, cache, token: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Greedy decoding from a prefilled cache, one model call per step: feeds token [B, 1] and yields the next
+    one [B, 1], without end (stop by not asking for more). For timing single decoding steps; `model` as in
+    generate."""
+    while True:
+        token = model(token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+        yield token
 
 
 @dataclass

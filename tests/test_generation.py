@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ramba import HSAHybrid
-from ramba.generation import GenerateOutput
+from ramba.generation import GenerateOutput, greedy_steps
 from test_model import small_config
 
 
@@ -59,3 +59,15 @@ def test_no_new_tokens_reads_nothing():
     out = model.generate(torch.randint(0, 50, (2, 30)), 0, return_retrieval=True)
     assert out.sequences.shape == (2, 30)
     assert [c.shape for c in out.retrieval] == [w.shape for w in out.retrieval_weights] == [(2, 0, 1, 2)] * 2
+
+
+def test_greedy_steps_continue_a_prefilled_cache_as_generate_does():
+    torch.manual_seed(6)
+    model = HSAHybrid(small_config()).double().eval()
+    prompt = torch.randint(0, 50, (2, 50))
+    expected = model.generate(prompt, 6)[:, 50:]
+    cache = model.new_cache(2)
+    with torch.no_grad():
+        first = model(prompt, cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+    steps = greedy_steps(model, cache, first)
+    assert torch.equal(torch.cat([first] + [next(steps) for _ in range(5)], dim=1), expected)
