@@ -31,13 +31,13 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-@torch.no_grad()
 def greedy_steps(model: torch.nn.Module, cache, token: torch.Tensor) -> Iterator[torch.Tensor]:
     """Greedy decoding from a prefilled cache, one model call per step: feeds token [B, 1] and yields the next
     one [B, 1], without end (stop by not asking for more). For timing single decoding steps; `model` as in
     generate."""
     while True:
-        token = model(token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+        with torch.no_grad():
+            token = model(token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
         yield token
 
 
