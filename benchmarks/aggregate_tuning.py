@@ -22,7 +22,8 @@ from typing import Callable
 
 import torch
 
-from benchmarks.kernels import AggInputs, Bench, agg_inputs, generator, log, rel_err, table, write_report
+from benchmarks.kernels.aggregate import AggInputs, agg_inputs
+from benchmarks.kernels.harness import Bench, generator, log, rel_err, table, write_report
 from ramba.ops import hsa_aggregate
 from ramba.ops.aggregate import fused as agg
 

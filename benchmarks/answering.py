@@ -9,12 +9,11 @@ from typing import Protocol
 import torch
 
 from benchmarks.common import BenchmarkError
-from ramba import HSAHybrid, HSAHybridConfig
 from ramba.generation import generate
 from ramba.data.tasks import Sample
+from ramba.loading import load_model
 from ramba.tokenizer import Tokenizer, load_tokenizer
 
-BUILTIN = {"builtin:tiny-random": "tiny"}
 PROGRESS_SEGMENTS = 16  # prefill progress bar from this many segments on
 
 
@@ -83,12 +82,6 @@ def benchmark_tokenizer(spec: str | None, checkpoint: str | None = None) -> Toke
         raise BenchmarkError(str(err)) from err
 
 
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
 def load_answerer(spec: str, tokenizer: str | None = None, device: str = "cpu", dtype: str = "auto",
                   segment: int = 4096, offload: bool = False) -> Answerer:
     """`--checkpoint` value -> Answerer: `[NAME=]DIR` (a directory written by HSAHybrid.save_pretrained),
@@ -98,25 +91,14 @@ def load_answerer(spec: str, tokenizer: str | None = None, device: str = "cpu", 
         name = path = spec
     if path == "oracle":
         return OracleAnswerer(name, benchmark_tokenizer(tokenizer))
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise BenchmarkError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
-    if path.startswith("builtin:"):
-        if path not in BUILTIN:
-            raise BenchmarkError(f"unknown built-in model {path!r}; known: {', '.join(BUILTIN)}")
-        torch.manual_seed(0)
-        model = HSAHybrid(HSAHybridConfig.preset(BUILTIN[path]))
-        tok = benchmark_tokenizer(tokenizer)
-    else:
-        try:
-            model = HSAHybrid.from_pretrained(path)
-        except Exception as err:  # missing files, bad JSON, a bad config, weights that do not match...
-            raise BenchmarkError(f"could not load a model from {path!r}: {err}\n--checkpoint takes a directory "
-                                 "written by HSAHybrid.save_pretrained (config.json and model.safetensors), "
-                                 f"{', '.join(BUILTIN)} or oracle") from err
-        tok = benchmark_tokenizer(tokenizer, path)
+    try:
+        model = load_model(path, device, dtype)
+    except ValueError as err:
+        raise BenchmarkError(f"--checkpoint {spec}: {err} (or give oracle)") from err
+    tok = benchmark_tokenizer(tokenizer, None if path.startswith("builtin:") else path)
     if tok.vocab_size > model.config.vocab_size:
         raise BenchmarkError(f"the tokenizer {tok.name!r} has {tok.vocab_size} ids but the model {name!r} only "
                              f"{model.config.vocab_size}: give the model's own tokenizer with --tokenizer")
-    model = model.to(dev, _dtype(dtype, dev)).eval()
     return ModelAnswerer(name, model, tok, segment, offload)

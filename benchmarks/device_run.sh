@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (no internet): install carried wheels, then run the chosen steps.
 # Carry .wheels (wheels for the machine's Python: pytest, hypothesis, accelerate, pyyaml, safetensors, tqdm,
-# matplotlib, pytest-xdist and their dependencies) and .thirdparty (the baselines, see benchmarks/kernels.py); neither is
-# committed. Outputs go to $OUT (or ./out).
+# matplotlib, pytest-xdist and their dependencies) and .thirdparty (the baselines, see
+# benchmarks/kernels/aggregate.py); neither is committed. Outputs go to $OUT (or ./out).
 # Usage: STEPS="tests kernels training long" bash benchmarks/device_run.sh
 #   each step has its own time limit in seconds (TESTS_S, KERNELS_S, TRAINING_S, LONG_S, TRAIN_S, EVALS_S) and
 #   its own arguments (KERNELS_ARGS, TRAINING_ARGS, LONG_ARGS, TRAIN_ARGS, EVALS_ARGS).

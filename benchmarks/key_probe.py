@@ -26,7 +26,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from benchmarks.common import command_line
@@ -34,12 +33,11 @@ from ramba import HSAHybrid
 from ramba.data.synthetic import ADJECTIVES
 from ramba.data.tasks import TASKS
 from ramba.layers.hsa import HSA
+from ramba.loading import load_model
+from ramba.probing import HELD_IN, bilinear_probe, linear_probe
 from ramba.tokenizer import ByteTokenizer
 
 NEEDLE = re.compile(r" One hidden number for ([a-z]+)-[a-z]+ is (\d+)\.")
-HELD_IN = 0.7
-RANK = 64
-FIT_STEPS = 1500
 
 
 @dataclass
@@ -121,49 +119,6 @@ def collect(model: HSAHybrid, prompts: int, seed: int, min_length: int, length: 
     return Features(**{k: v.float() if v is not None and v.is_floating_point() else v for k, v in stacked.items()})
 
 
-def _standardise(x: torch.Tensor, cut: int) -> torch.Tensor:
-    dims = tuple(range(x.dim() - 1))
-    held_in = x[:cut]
-    return (x - held_in.mean(dims)) / (held_in.std(dims) + 1e-5)
-
-
-def linear_probe(x: torch.Tensor, labels: torch.Tensor, classes: int, seed: int = 0) -> float:
-    """Held-out accuracy of softmax regression from x [N, d] to labels [N] (fitted on the first 70%)."""
-    cut = int(len(labels) * HELD_IN)
-    x = _standardise(x, cut)
-    torch.manual_seed(seed)
-    layer = torch.nn.Linear(x.shape[1], classes)
-    opt = torch.optim.AdamW(layer.parameters(), lr=3e-3, weight_decay=0.05)
-    for _ in range(FIT_STEPS):
-        loss = F.cross_entropy(layer(x[:cut]), labels[:cut])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return float((layer(x[cut:]).argmax(1) == labels[cut:]).float().mean())
-
-
-def bilinear_probe(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> float:
-    """Held-out accuracy of choosing labels [N] among the candidates b [N, C, db] by (a U) . (b V), a [N, da]."""
-    cut = int(len(labels) * HELD_IN)
-    a, b = _standardise(a, cut), _standardise(b, cut)
-    torch.manual_seed(seed)
-    U = (torch.randn(a.shape[1], RANK) / a.shape[1] ** 0.5).requires_grad_()
-    V = (torch.randn(b.shape[2], RANK) / b.shape[2] ** 0.5).requires_grad_()
-    opt = torch.optim.AdamW([U, V], lr=3e-3, weight_decay=0.05)
-
-    def scores(rows: slice) -> torch.Tensor:
-        return torch.einsum("nr,ncr->nc", a[rows] @ U, b[rows] @ V)
-
-    for _ in range(FIT_STEPS):
-        loss = F.cross_entropy(scores(slice(0, cut)), labels[:cut])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return float((scores(slice(cut, None)).argmax(1) == labels[cut:]).float().mean())
-
-
 def report(f: Features, seed: int = 0) -> str:
     """The markdown table of every probe."""
     n = len(f.asked)
@@ -200,7 +155,8 @@ def report(f: Features, seed: int = 0) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a directory written by HSAHybrid.save_pretrained")
+    p.add_argument("--checkpoint", required=True,
+                   help="a directory written by HSAHybrid.save_pretrained, or builtin:tiny-random")
     p.add_argument("--prompts", type=int, default=3000, help="prompts drawn (about half are usable)")
     p.add_argument("--min-length", type=int, default=512)
     p.add_argument("--length", type=int, default=760)
@@ -210,7 +166,10 @@ def main(argv: list[str] | None = None) -> str:
     args = p.parse_args(argv)
     if not 448 <= args.min_length <= args.length:
         p.error("--min-length must be at least 448 (four needles need it) and at most --length")
-    model = HSAHybrid.from_pretrained(args.checkpoint, device=args.device).float().eval()
+    try:
+        model = load_model(args.checkpoint, args.device, "float32")
+    except ValueError as err:
+        p.error(f"--checkpoint: {err}")
     if not model.config.use_hsa:
         p.error(f"{args.checkpoint} has no HSA block to probe")
     text = report(collect(model, args.prompts, args.seed, args.min_length, args.length))

@@ -27,6 +27,7 @@ from benchmarks.common import BenchmarkError, command_line
 from ramba import HSAHybrid, HSAHybridConfig
 from ramba.data.tasks import TASKS, TaskError
 from ramba.tokenizer import ByteTokenizer, Tokenizer
+from ramba.training.optim import build_optimizer, build_scheduler, train_step
 
 ANSWER_ROOM = 9  # a space, at most 7 digits and the end-of-sequence token
 
@@ -117,8 +118,8 @@ def run(args: argparse.Namespace) -> list[str]:
         raise BenchmarkError(f"the byte tokenizer needs vocab_size >= {tokenizer.vocab_size}, the config has "
                              f"{config.vocab_size}")
     model = HSAHybrid(config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / args.warmup))
+    optimizer = build_optimizer(model, args.lr, weight_decay=0.0)
+    schedule = build_scheduler(optimizer, args.warmup, args.steps, min_ratio=1.0)  # warmup, then constant
     batch = dict(tokenizer=tokenizer, size=args.batch_size, min_length=args.min_length, length=args.length,
                  max_depth=args.max_depth, task=args.task)
     try:
@@ -133,13 +134,8 @@ def run(args: argparse.Namespace) -> list[str]:
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         ids, labels = task_batch(rng, **batch)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = model(ids.to(device), labels=labels.to(device)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(model, optimizer, {"input_ids": ids.to(device), "labels": labels.to(device)}, schedule,
+                          clip=1.0, autocast=torch.bfloat16 if autocast else None)
         if step % args.eval_every == 0 or step == args.steps:
             s = evaluate(model, held_out, device, autocast)
             rows.append(f"| {step} | {loss.item():.3f} | {s.loss:.3f} | {s.token_accuracy:.3f} | "

@@ -20,14 +20,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 from tqdm.auto import tqdm
 
 from benchmarks.common import parse_length
 from benchmarks.profiling import top_ops
 from ramba import HSAHybrid, HSAHybridConfig
+from ramba.dense import DenseTransformer
+from ramba.generation import greedy_steps
 
 
 @dataclass
@@ -54,51 +53,6 @@ def cpu_peak_gib() -> float:
 def synchronize_time() -> float:
     torch.cuda.synchronize()
     return time.perf_counter()
-
-
-class DenseBlock(nn.Module):
-    """Pre-norm transformer block with full causal attention and a growing KV cache."""
-
-    def __init__(self, config: HSAHybridConfig):
-        super().__init__()
-        d, self.h, self.kv, self.hd = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
-        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
-        self.qkv = nn.Linear(d, (self.h + 2 * self.kv) * self.hd, bias=False)
-        self.o = nn.Linear(self.h * self.hd, d, bias=False)
-        self.up = nn.Linear(d, 2 * config.intermediate_size, bias=False)
-        self.down = nn.Linear(config.intermediate_size, d, bias=False)
-
-    def forward(self, x: torch.Tensor, cache: list[torch.Tensor]) -> torch.Tensor:
-        B, L, _ = x.shape
-        q, k, v = self.qkv(self.norm1(x)).split([self.h * self.hd, self.kv * self.hd, self.kv * self.hd], -1)
-        q = q.view(B, L, self.h, self.hd).transpose(1, 2)
-        k = k.view(B, L, self.kv, self.hd).transpose(1, 2)
-        v = v.view(B, L, self.kv, self.hd).transpose(1, 2)
-        if cache:
-            k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
-        cache[:] = [k, v]
-        # causal with the queries aligned to the last keys, never materialised as an [L, M] mask
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(L, k.shape[2]), enable_gqa=True)
-        x = x + self.o(att.transpose(1, 2).reshape(B, L, -1))
-        gate, up = self.up(self.norm2(x)).chunk(2, -1)
-        return x + self.down(F.silu(gate) * up)
-
-
-class DenseModel(nn.Module):
-    """The dense baseline: same vocabulary, width and number of blocks as the hybrid."""
-
-    def __init__(self, config: HSAHybridConfig):
-        super().__init__()
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(DenseBlock(config) for _ in range(config.n_layers))
-        self.norm = nn.RMSNorm(config.d_model)
-        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-
-    def forward(self, ids: torch.Tensor, caches: list[list[torch.Tensor]], keep: int) -> torch.Tensor:
-        x = self.embed(ids)
-        for block, cache in zip(self.blocks, caches):
-            x = block(x, cache)
-        return self.head(self.norm(x[:, x.shape[1] - keep:]))
 
 
 def warm_up(model: HSAHybrid, segment: int) -> None:
@@ -128,10 +82,11 @@ def run_hybrid(config: HSAHybridConfig, length: int, segment: int, decode_steps:
         out = model(ids, cache=cache, logits_to_keep=1 if pos + segment >= length else 0)
     prefill = synchronize_time() - start
     token = out.logits[:, -1].argmax(-1, keepdim=True)
+    steps = greedy_steps(model, cache, token)
     times = []
     for _ in range(decode_steps):
         t0 = synchronize_time()
-        token = model(token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+        token = next(steps)
         times.append(synchronize_time() - t0)
     decode = statistics.median(times[len(times) // 4:]) * 1e3 if times else None
     if profile:
@@ -147,30 +102,30 @@ def run_hybrid(config: HSAHybridConfig, length: int, segment: int, decode_steps:
 @torch.no_grad()
 def run_dense(config: HSAHybridConfig, length: int, segment: int, decode_steps: int, name: str,
               budget_s: float) -> Result:
-    model = DenseModel(config).cuda().to(torch.bfloat16).eval()
+    model = DenseTransformer(config).cuda().to(torch.bfloat16).eval()
     torch.cuda.reset_peak_memory_stats()
-    caches: list[list[torch.Tensor]] = [[] for _ in model.blocks]
+    cache = model.new_cache(1)
     start = synchronize_time()
     try:
         for pos in range(0, length, segment):
             ids = torch.randint(0, config.vocab_size, (1, min(segment, length - pos)), device="cuda")
-            out = model(ids, caches, 1)
+            out = model(ids, cache=cache, logits_to_keep=1).logits
             if pos + segment < length and synchronize_time() - start > budget_s:
                 done = pos + segment
                 estimate = (synchronize_time() - start) * (length / done) ** 2
                 return Result(name, length, None, None, torch.cuda.max_memory_allocated() / 2**30, cpu_peak_gib(),
                               f"stopped after {done:,} tokens; quadratic estimate {estimate / 60:.0f} min")
         prefill = synchronize_time() - start
-        token = out[:, -1].argmax(-1, keepdim=True)
+        steps = greedy_steps(model, cache, out[:, -1].argmax(-1, keepdim=True))
         times = []
         for _ in range(decode_steps):
             t0 = synchronize_time()
-            token = model(token, caches, 1)[:, -1].argmax(-1, keepdim=True)
+            next(steps)
             times.append(synchronize_time() - t0)
     except torch.cuda.OutOfMemoryError:
         return Result(name, length, None, None, None, cpu_peak_gib(), "does not fit in GPU memory")
     finally:
-        caches.clear()
+        cache.clear()
     decode = statistics.median(times[len(times) // 4:]) * 1e3 if times else None
     return Result(name, length, prefill, decode, torch.cuda.max_memory_allocated() / 2**30, cpu_peak_gib())
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from benchmarks.common import command_line, parse_length
 from ramba import HSAHybrid
 from ramba.data.tasks import TASKS, Key, Sample, make_sample, score
+from ramba.loading import load_model
 from ramba.tokenizer import Tokenizer, load_tokenizer
 
 MAX_FACT_TOKENS = 256
@@ -51,11 +52,12 @@ def fact_chunks(sample: Sample, tokenizer: Tokenizer, chunk_size: int) -> tuple[
     return asked, other - asked
 
 
-def _mixing(out) -> list[dict[int, float]]:
-    """At the last position, for every HSA block and retrieval head: selected chunk -> its retrieval weight."""
+def _mixing(out, token: int = -1) -> list[dict[int, float]]:
+    """At one position (the last by default), for every HSA block and retrieval head: selected chunk -> its
+    retrieval weight."""
     return [{c: w for c, w in zip(chunks.tolist(), weights.tolist()) if c >= 0}
             for indices, mixing in zip(out.retrieval, out.retrieval_weights)
-            for chunks, weights in zip(indices[0, -1], mixing[0, -1].float())]
+            for chunks, weights in zip(indices[0, token], mixing[0, token].float())]
 
 
 def _weight_on(chunks: set[int], mixing: list[dict[int, float]]) -> float:
@@ -63,24 +65,14 @@ def _weight_on(chunks: set[int], mixing: list[dict[int, float]]) -> float:
     return statistics.fmean(sum(w for c, w in head.items() if c in chunks) for head in mixing) if mixing else 0.0
 
 
-@torch.no_grad()
 def probe_one(model: HSAHybrid, tokenizer: Tokenizer, sample: Sample, segment: int) -> dict:
     """Prefill the prompt segment-wise and answer greedily, keeping the chunks read for every answer token."""
-    device = next(model.parameters()).device
-    ids = sample.prompt_ids.long()
-    cache = model.new_cache(1)
-    for start in range(0, len(ids), segment):
-        last = start + segment >= len(ids)
-        out = model(ids[None, start:start + segment].to(device), cache=cache, logits_to_keep=1 if last else 0,
-                    return_retrieval=last)
-    answer, reads = [], []
-    for _ in range(sample.max_new_tokens):
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        if token.item() == tokenizer.eos_id:
-            break
-        answer.append(token.item())
-        reads.append(_mixing(out))  # what was read, and how much, to predict this token
-        out = model(token, cache=cache, return_retrieval=True)
+    stops = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    out = model.generate(sample.prompt_ids.long()[None], sample.max_new_tokens, stop_tokens=stops,
+                         segment_size=segment, progress=False, return_retrieval=True)
+    generated = out.sequences[0, sample.prompt_ids.numel():].tolist()
+    answer = next((generated[:i] for i, token in enumerate(generated) if token in stops), generated)
+    reads = [_mixing(out, t) for t in range(len(answer))]  # what was read, and how much, to predict each token
     asked, other = fact_chunks(sample, tokenizer, model.config.chunk_size)
     content = [mixing for token, mixing in zip(answer, reads) if tokenizer.decode([token]).strip()]
     selected = [set().union(*mixing) for mixing in content]
@@ -126,7 +118,8 @@ def table(rows: list[dict], task: str) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a directory written by HSAHybrid.save_pretrained")
+    p.add_argument("--checkpoint", required=True,
+                   help="a directory written by HSAHybrid.save_pretrained, or builtin:tiny-random")
     p.add_argument("--task", default="niah_multikey_1", help=f"one of {', '.join(TASKS)}")
     p.add_argument("--lengths", default="4k")
     p.add_argument("--samples", type=int, default=20)
@@ -138,7 +131,10 @@ def main(argv: list[str] | None = None) -> str:
     args = p.parse_args(argv)
     if args.task not in TASKS:
         p.error(f"--task: unknown {args.task!r}; known: {', '.join(TASKS)}")
-    model = HSAHybrid.from_pretrained(args.checkpoint, device=args.device).float().eval()
+    try:
+        model = load_model(args.checkpoint, args.device, "float32")
+    except ValueError as err:
+        p.error(f"--checkpoint: {err}")
     tokenizer = load_tokenizer(args.tokenizer)
     rows = run(model, tokenizer, args.task, [parse_length(x) for x in args.lengths.split(",")], args.samples,
                args.seed, args.segment)

@@ -14,35 +14,27 @@ import time
 import torch
 
 from benchmarks.common import command_line
-from benchmarks.long_context import DenseModel
 from benchmarks.profiling import top_ops
 from ramba import HSAHybrid, HSAHybridConfig
+from ramba.dense import DenseTransformer
+from ramba.training.optim import build_optimizer, train_step
 
 
-def step_fn(model: torch.nn.Module, dense: bool):
-    """One optimizer step on a batch [B, L] in bf16 autocast; returns a callable of the batch."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+def step_fn(model: torch.nn.Module):
+    """One ramba.training optimizer step on a batch [B, L] in bf16 autocast; returns a callable of the batch."""
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.01, fused=True)
 
     def step(ids: torch.Tensor) -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            if dense:
-                logits = model(ids, [[] for _ in model.blocks], ids.shape[1])
-                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-            else:
-                loss = model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, {"input_ids": ids, "labels": ids}, autocast=torch.bfloat16)
 
     return step
 
 
-def measure(name: str, model: torch.nn.Module, dense: bool, batch: int, seq_len: int, steps: int,
-            profile: bool = False) -> dict:
+def measure(name: str, model: torch.nn.Module, batch: int, seq_len: int, steps: int, profile: bool = False) -> dict:
     """Median step time over `steps` after two warm-up steps; tokens per second and peak memory.
     With `profile`, also prints the ops that took the most GPU time over two more steps."""
     model = model.cuda().train()
-    step = step_fn(model, dense)
+    step = step_fn(model)
     vocab = model.embed.num_embeddings
     inputs = [torch.randint(0, vocab, (batch, seq_len), device="cuda") for _ in range(3)]
     torch.cuda.reset_peak_memory_stats()
@@ -78,15 +70,13 @@ def main(argv: list[str] | None = None) -> None:
         for use_hsa in (True, False):
             config = HSAHybridConfig.preset(args.preset, local_mixer=mixer, use_hsa=use_hsa)
             name = f"{args.preset} {mixer}" + ("" if use_hsa else " mixer-only")
-            rows.append(measure(name, HSAHybrid(config), False, args.batch_size, args.seq_len, args.steps,
-                                args.profile))
+            rows.append(measure(name, HSAHybrid(config), args.batch_size, args.seq_len, args.steps, args.profile))
             r = rows[-1]
             print(f"{name}: {r['step_ms']:.1f} ms per step, {r['tokens_per_s']:,.0f} tokens/s, "
                   f"peak {r['peak_gib']:.1f} GiB", flush=True)
             torch.cuda.empty_cache()
-    dense = DenseModel(HSAHybridConfig.preset(args.preset))
-    rows.append(measure(f"{args.preset} dense SDPA", dense, True, args.batch_size, args.seq_len, args.steps,
-                        args.profile))
+    dense = DenseTransformer(HSAHybridConfig.preset(args.preset))
+    rows.append(measure(f"{args.preset} dense SDPA", dense, args.batch_size, args.seq_len, args.steps, args.profile))
     by_name = {r["model"]: r for r in rows}
     lines = ["| model | params (M) | step ms | tokens/s | vs mixer-only | peak GiB |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:

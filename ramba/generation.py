@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import chain
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -30,6 +31,29 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def greedy_steps(model: torch.nn.Module, cache, token: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Greedy decoding from a prefilled cache, one model call per step: feeds token [B, 1] and yields the next
+    one [B, 1], without end (stop by not asking for more). For timing single decoding steps; `model` as in
+    generate."""
+    while True:
+        with torch.no_grad():
+            token = model(token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+        yield token
+
+
+@dataclass
+class GenerateOutput:
+    """What `generate(..., return_retrieval=True)` returns.
+
+    sequences [B, L + T]: the prompts and their continuations. retrieval: for each HSA block, the chunks
+    [B, T, Hr, K] selected at the position that predicts each of the T generated tokens (-1 in empty slots);
+    retrieval_weights: their mixing weights [B, T, Hr, K] (0 in empty slots); as in HSAOutput."""
+
+    sequences: torch.Tensor
+    retrieval: list[torch.Tensor]
+    retrieval_weights: list[torch.Tensor]
+
+
 @torch.no_grad()
 def generate(
     model: HSAHybrid,
@@ -45,7 +69,8 @@ def generate(
     offload: bool = False,
     generator: torch.Generator | None = None,
     progress: bool | None = None,
-) -> torch.Tensor:
+    return_retrieval: bool = False,
+) -> torch.Tensor | GenerateOutput:
     """Continue every row of input_ids [B, L] by up to max_new_tokens tokens -> [B, L + T] on input_ids' device.
 
     attention_mask [B, L] marks left padding (0) of shorter prompts. Greedy unless do_sample (temperature,
@@ -53,6 +78,8 @@ def generate(
     prefilled in segments of segment_size tokens, each moved to the model's device on its own, so a very long
     prompt can stay in CPU memory (a progress bar shows when there are several segments). `model` is an
     HSAHybrid or any module with the same `new_cache` / `forward(..., cache=, logits_to_keep=)` interface.
+    return_retrieval: return a GenerateOutput that also holds, for every generated token, the chunks each HSA
+    block read to predict it and their weights (an HSAHybrid only).
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, length] with length >= 1, got {tuple(input_ids.shape)}")
@@ -82,20 +109,31 @@ def generate(
     bar = tqdm(total=L, desc="prefill", unit="tok", disable=not (progress if progress is not None else len(bounds) > 2))
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         padding = {} if valid is None or i else {"attention_mask": attention_mask[:, start:end].to(device)}
-        logits = model(input_ids[:, start:end].to(device), cache=cache, logits_to_keep=1 if end == L else 0,
-                       **padding).logits
+        extra = {"return_retrieval": True} if return_retrieval and end == L else {}
+        step_out = model(input_ids[:, start:end].to(device), cache=cache, logits_to_keep=1 if end == L else 0,
+                         **padding, **extra)
         bar.update(end - start)
     bar.close()
 
     out = [input_ids]
+    reads: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # per token: each block's chunks, weights
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        last = logits[:, -1]
+        last = step_out.logits[:, -1]
         token = sample_next(last, temperature, top_p, generator) if do_sample else last.argmax(-1)
         token = token.masked_fill(done, pad_token_id)
         out.append(token[:, None].to(input_ids.device))
+        if return_retrieval:
+            reads.append((step_out.retrieval, step_out.retrieval_weights))
         done |= torch.isin(token, stops)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        logits = model(token[:, None], cache=cache).logits
-    return torch.cat(out, dim=1)
+        step_out = model(token[:, None], cache=cache, **({"return_retrieval": True} if return_retrieval else {}))
+    sequences = torch.cat(out, dim=1)
+    if not return_retrieval:
+        return sequences
+    if not reads:  # max_new_tokens == 0: nothing generated, nothing read
+        reads = [([i[:, :0] for i in step_out.retrieval], [w[:, :0] for w in step_out.retrieval_weights])]
+    blocks = range(len(reads[0][0]))
+    return GenerateOutput(sequences, [torch.cat([r[0][b][:, -1:] for r in reads], dim=1) for b in blocks],
+                          [torch.cat([r[1][b][:, -1:] for r in reads], dim=1) for b in blocks])

@@ -1,12 +1,13 @@
-"""The GPU-free parts of benchmarks/kernels.py and benchmarks/aggregate_tuning.py: the random causal selections,
+"""The GPU-free parts of benchmarks/kernels/ and benchmarks/aggregate_tuning.py: the random causal selections,
 the FLOP and byte counts, the argument checks, the exit without CUDA."""
 
 import pytest
 import torch
 
-from benchmarks import aggregate_tuning, kernels
+from benchmarks import aggregate_tuning
 from benchmarks.common import command_line
-from benchmarks.kernels import aggregate_bytes, aggregate_flops, causal_selection, random_weights
+from benchmarks.kernels import __main__ as kernels
+from benchmarks.kernels.aggregate import aggregate_bytes, aggregate_flops, causal_selection, random_weights
 
 
 def check_selection(indices: torch.Tensor, positions: torch.Tensor, topk: int, chunk_size: int) -> None:

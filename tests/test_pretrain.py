@@ -12,7 +12,8 @@ from ramba import HSAHybrid, HSAHybridConfig
 from ramba.training.checkpoint import CheckpointError, checkpoints
 from ramba.training.config import RunConfigError, load_run_config
 from ramba.training.data import pack
-from ramba.training.trainer import eval_batches, evaluate, param_groups, retrieval_hits
+from ramba.training.optim import param_groups
+from ramba.training.trainer import eval_batches, evaluate, retrieval_hits
 from ramba.tokenizer import ByteTokenizer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

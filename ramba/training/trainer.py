@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -22,19 +21,10 @@ from ..tokenizer import load_tokenizer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .data import batches, sequences
+from .optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger("ramba.train")
 EVAL_SEED_OFFSET = 10**6
-
-
-def lr_lambda(warmup: int, total: int, min_ratio: float):
-    """Linear warmup to 1, then cosine decay to min_ratio at step `total`."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
 
 
 def build_model(run: RunConfig, vocab: int) -> HSAHybrid:
@@ -47,14 +37,6 @@ def build_model(run: RunConfig, vocab: int) -> HSAHybrid:
                          f"set model.overrides.vocab_size={vocab}")
     model.gradient_checkpointing = run.train.gradient_checkpointing
     return model
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on norms, biases and parameters marked _no_weight_decay."""
-    decay, plain = [], []
-    for p in model.parameters():
-        (plain if p.dim() < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
 def retrieval_hits(retrieval: list[torch.Tensor], batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
@@ -172,8 +154,8 @@ def train(run: RunConfig, resume: bool | str = False) -> Path:
     if tokenizer.eos_id is None:
         raise ValueError(f"tokenizer {run.data.tokenizer!r} has no end-of-sequence token to separate documents")
     model = build_model(run, tokenizer.vocab_size)
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup, t.steps, t.min_lr_ratio))
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, tuple(t.betas))
+    scheduler = build_scheduler(optimizer, t.warmup, t.steps, t.min_lr_ratio)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if t.tensorboard:
         accelerator.init_trackers("ramba")
