@@ -83,3 +83,22 @@ def test_imports_run_one_way():
     for name, path in library_files().items():
         bad = {m for m in imports(path, name, top_level_only=False) if m.split(".")[0] in ("benchmarks", "recipes")}
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_benchmarks_hold_harnesses_only():
+    """No model class, optimizer loop or decode loop in benchmarks/: those live in ramba and are tested there."""
+    for path in sorted((ROOT / "benchmarks").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        where = path.relative_to(ROOT)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                bases = {ast.unparse(b) for b in node.bases}
+                assert not bases & {"nn.Module", "torch.nn.Module", "Module"}, f"{where}: model class {node.name}"
+            if isinstance(node, ast.Attribute):
+                assert ast.unparse(node) != "torch.optim", f"{where}:{node.lineno} builds an optimizer"
+                assert node.attr != "backward", f"{where}:{node.lineno} runs a backward pass"
+            if isinstance(node, (ast.For, ast.While)):
+                calls = [n for n in ast.walk(node) if isinstance(n, ast.Call)]
+                cached = any(k.arg == "cache" for c in calls for k in c.keywords)
+                picks = any(isinstance(c.func, ast.Attribute) and c.func.attr == "argmax" for c in calls)
+                assert not (cached and picks), f"{where}:{node.lineno} decodes token by token"
