@@ -39,14 +39,18 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=step_of)
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(folder: Path) -> None:
     """Flush every file under `folder`, and the folder itself, to disk."""
     for path in [*folder.rglob("*"), folder]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(path)
 
 
 def _remove(folder: Path) -> None:
@@ -80,7 +84,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
         if final.exists():
             _remove(final)
         os.replace(partial, final)
-        _fsync_tree(folder)
+        _fsync(folder)  # the rename itself
         for old in checkpoints(output_dir)[:-keep]:
             if old != final:
                 _remove(old)
