@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         overrides = args.overrides + ["train.log_every=1"]
         overrides += run_overrides(mode, args.processes, args.batch_size, args.seed, run_dir)
         print(f"=== {mode}: {' '.join(command + ['--config', args.config] + overrides)}", flush=True)
-        done = subprocess.run(command + ["--config", args.config] + overrides, env={**os.environ, **env})
+        done = subprocess.run(command + ["--overwrite", "--config", args.config] + overrides,  # a fresh run each time
+                              env={**os.environ, **env})
         if done.returncode == 0:
             runs[mode] = run_dir
         elif mode == "single":

@@ -1,10 +1,9 @@
-"""Running a benchmark: the options every command takes, the resumable results log and the sweep."""
+"""Running a benchmark: the options every command takes and the sweep (results go to a ResultsLog)."""
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,51 +14,9 @@ from tqdm.auto import tqdm
 from benchmarks.answering import Answerer, load_answerer
 from benchmarks.common import BenchmarkError
 from benchmarks.report import summarise
+from benchmarks.results_log import ResultsLog
 from ramba.data.tasks import Key, Sample, TaskError
 from ramba.tokenizer import Tokenizer
-
-
-def _key_of(row: dict) -> tuple:
-    return row["model"], row["task"], row["length"], row["depth"], row["index"]
-
-
-class ResultsLog:
-    """OUT/results.jsonl: one JSON line per finished sample, appended as it finishes; reopening it skips the
-    samples already there (same model, task, length, depth and sample index)."""
-
-    def __init__(self, out_dir: Path, settings: dict) -> None:
-        self.path, self._settings_path, self._settings = out_dir / "results.jsonl", out_dir / "settings.json", settings
-        if self._settings_path.exists():
-            old = json.loads(self._settings_path.read_text())
-            changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-            if changed:
-                raise BenchmarkError(f"{out_dir} holds results of a run with other settings "
-                                     f"({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in changed.items())});"
-                                     " resume with the same settings or choose another --out")
-        self.rows: list[dict] = []
-        if self.path.exists():
-            lines = self.path.read_text().splitlines()
-            for n, line in enumerate(lines):
-                try:
-                    self.rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    if n != len(lines) - 1:
-                        raise BenchmarkError(f"{self.path}, line {n + 1}, is not JSON: fix or remove it") from None
-                    # a write cut short by a crash: drop it and run that sample again
-                    self.path.write_text("".join(f"{json.dumps(r)}\n" for r in self.rows))
-        self._done = {_key_of(r) for r in self.rows}
-
-    def done(self, model: str, key: Key) -> bool:
-        return (model, key.task, key.length, key.depth, key.index) in self._done
-
-    def add(self, row: dict) -> None:
-        if not self._settings_path.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._settings_path.write_text(json.dumps(self._settings, indent=1) + "\n")
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        self.rows.append(row)
-        self._done.add(_key_of(row))
 
 
 Scorer = Callable[[str, str, list[str]], float]  # (task, output, references) -> score in [0, 1]

@@ -8,10 +8,14 @@ newest checkpoint of RUN_DIR (or --checkpoint) becomes a folder that the benchma
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
+from ramba.config import ConfigError
+from ramba.training.checkpoint import CheckpointError
+from ramba.training.config import RunConfigError
 from ramba.training.export import export_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -30,4 +34,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (CheckpointError, RunConfigError, ConfigError) as err:
+        sys.exit(f"error: {err}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -72,31 +74,58 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
 
     def validate(self) -> None:
+        """Check every field's type and range, naming the field; values of a type that converts losslessly
+        (an int where a float belongs, YAML's string "1e-3") are converted."""
+        for section in (self.model, self.data, self.train):
+            prefix = f"{type(section).__name__.removesuffix('Section').lower()}."
+            hints = typing.get_type_hints(type(section))
+            for f in dataclasses.fields(section):
+                setattr(section, f.name, _check_type(prefix + f.name, getattr(section, f.name), hints[f.name]))
         t, d = self.train, self.data
-        positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
-                    "train.log_every": t.log_every, "train.eval_every": t.eval_every,
-                    "train.save_every": t.save_every, "train.keep": t.keep, "data.seq_len": d.seq_len}
-        for key, value in positive.items():
-            if value < 1:
-                raise RunConfigError(f"{key} must be at least 1, got {value}")
+        ranges = {"train.steps": (t.steps, 1), "train.batch_size": (t.batch_size, 1),
+                  "train.grad_accum": (t.grad_accum, 1), "train.log_every": (t.log_every, 1),
+                  "train.eval_every": (t.eval_every, 1), "train.save_every": (t.save_every, 1),
+                  "train.keep": (t.keep, 1), "train.warmup": (t.warmup, 0), "train.seed": (t.seed, 0),
+                  "train.weight_decay": (t.weight_decay, 0), "data.seq_len": (d.seq_len, 1),
+                  "data.min_len": (d.min_len, 1), "data.eval_sequences": (d.eval_sequences, 1)}
+        if t.stop_after is not None:
+            ranges["train.stop_after"] = (t.stop_after, 1)
+        for key, (value, least) in ranges.items():
+            if value < least:
+                raise RunConfigError(f"{key} must be at least {least}, got {value}")
+        if not t.lr > 0 or not t.clip > 0:
+            raise RunConfigError(f"train.lr and train.clip must be positive, got lr={t.lr}, clip={t.clip}")
+        if not 0 <= t.min_lr_ratio <= 1:
+            raise RunConfigError(f"train.min_lr_ratio must lie in [0, 1], got {t.min_lr_ratio}")
+        if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+            raise RunConfigError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
         if t.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             raise RunConfigError(f"train.mixed_precision must be auto, bf16, fp16 or no, got {t.mixed_precision!r}")
-        if not 0 <= t.min_lr_ratio <= 1 or t.lr <= 0:
-            raise RunConfigError("train.lr must be positive and train.min_lr_ratio in [0, 1]")
         if d.loss not in ("answer", "all"):
             raise RunConfigError(f"data.loss must be answer or all, got {d.loss!r}")
-        if len(t.betas) != 2:
-            raise RunConfigError(f"train.betas must be two numbers, got {t.betas}")
+        empty = [k for k, v in {"model.preset": self.model.preset, "data.source": d.source, "data.tasks": d.tasks,
+                                "data.tokenizer": d.tokenizer, "data.text_field": d.text_field, "data.split": d.split,
+                                "train.output_dir": t.output_dir}.items() if not v]
+        if empty:
+            raise RunConfigError(f"{', '.join(empty)} must not be empty")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the config as YAML, all at once (written beside `path`, fsynced, renamed over it)."""
+        path = Path(path)
+        partial = path.with_name(f".{path.name}.partial")
+        with open(partial, "w") as f:
+            f.write(yaml.safe_dump(self.to_dict(), sort_keys=False))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
 
 
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
-    """value if it fits the field's annotation (ints accepted for floats), else a RunConfigError."""
+    """value if it fits the field's annotation (ints accepted for floats, floats must be finite, list items
+    and dict keys checked too), else a RunConfigError naming the field."""
     hint = annotation
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -108,12 +137,23 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     expected = origin or hint
     if expected is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:  # YAML 1.1 reads 1e-3 as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if expected is Any:
+        return value
     if expected is int and isinstance(value, bool) or not isinstance(value, expected):
         raise RunConfigError(f"{key} must be of type {getattr(expected, '__name__', expected)}, got "
                              f"{type(value).__name__} {value!r}")
+    if expected is float and not math.isfinite(value):
+        raise RunConfigError(f"{key} must be a finite number, got {value!r}")
+    if expected is list:
+        (item,) = typing.get_args(hint)
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if expected is dict:
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise RunConfigError(f"{key} must map names (strings) to values, got the key {bad[0]!r}")
     return value
 
 

@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 from ..config import HSAHybridConfig
 from ..model import HSAHybrid
 from ..tokenizer import load_tokenizer
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .config import RunConfig
+from .resume import check_resume, check_rng, check_shapes, claim_run_dir
 from .data import batches, sequences
 from .optim import build_optimizer, build_scheduler
 
@@ -122,6 +123,25 @@ class MetricsLog:
         self.path = output_dir / "metrics.jsonl"
         self.tensorboard = tensorboard
 
+    def rewind(self, step: int) -> None:
+        """Forget what was logged after `step` (the checkpoint a run resumes from), so that no step is logged
+        twice: the kept lines are written beside the log and renamed over it."""
+        if not self.accelerator.is_main_process or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+                continue
+        partial = self.path.with_name(".metrics.jsonl.partial")
+        with open(partial, "w") as f:
+            f.write("".join(kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, self.path)
+
     def log(self, step: int, values: dict[str, float]) -> None:
         if self.accelerator.is_main_process:
             with open(self.path, "a") as f:
@@ -130,9 +150,17 @@ class MetricsLog:
             self.accelerator.log(values, step=step)
 
 
-def train(run: RunConfig, resume: bool | str = False) -> Path:
-    """Run (or resume) the training that `run` describes; returns the folder of the final model."""
+def train(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -> Path:
+    """Run (or resume) the training that `run` describes; returns the folder of the final model. A new run
+    refuses a train.output_dir that holds another run, unless `overwrite` (which deletes that run's files);
+    `resume` (True: the newest checkpoint, or a checkpoint folder) checks that the checkpoint fits `run`."""
     t = run.train
+    output_dir = Path(t.output_dir)
+    if resume and overwrite:
+        raise CheckpointError("--resume continues the run in train.output_dir and --overwrite deletes it: "
+                              "give one of them")
+    resume_from = find_checkpoint(output_dir, None if resume is True else resume) if resume else None
+    state = read_state(resume_from) if resume_from else {}
     # auto: bf16 where accelerate will run on CUDA (not with ACCELERATE_USE_CPU set, even where a GPU is present)
     on_cuda = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
     precision = ("bf16" if on_cuda else "no") if t.mixed_precision == "auto" else t.mixed_precision
@@ -143,12 +171,14 @@ def train(run: RunConfig, resume: bool | str = False) -> Path:
                               log_with="tensorboard" if t.tensorboard else None, project_dir=t.output_dir)
     if accelerator.device.type == "cpu" and accelerator.num_processes == 1:
         torch.set_num_threads(os.cpu_count() or 1)  # accelerate launch pins one thread per process
-    output_dir = Path(t.output_dir)
+    if resume_from:
+        check_resume(state, run, resume_from, accelerator.num_processes)
+    else:
+        claim_run_dir(output_dir, overwrite, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         run.save(output_dir / "config.yaml")
-        if not resume:
-            (output_dir / "metrics.jsonl").unlink(missing_ok=True)
     set_seed(t.seed)
     tokenizer = load_tokenizer(run.data.tokenizer)
     if tokenizer.eos_id is None:
@@ -163,16 +193,21 @@ def train(run: RunConfig, resume: bool | str = False) -> Path:
                 accelerator.unwrap_model(model).num_parameters() / 1e6,
                 accelerator.unwrap_model(model).config.local_mixer, accelerator.num_processes, precision)
 
-    step, position = 0, 0
-    if resume:
-        state = load_checkpoint(accelerator, output_dir, None if resume is True else resume)
-        step, position = state["step"], state["position"]
-        logger.info("resumed from step %d", step)
-    stream = batches(shard(sequences(run.data, tokenizer, t.seed * 1009), accelerator), t.batch_size)
-    for _ in range(position):  # skip what earlier runs consumed: the data order stays exactly the same
-        next(stream)
+    step, consumed = 0, 0  # consumed: sequences of the whole data stream (all processes) trained on
+    if resume_from:
+        check_shapes(resume_from, accelerator.unwrap_model(model))
+        check_rng(resume_from, accelerator.process_index)
+        load_checkpoint(accelerator, resume_from)
+        step = state["step"]
+        # older checkpoints count micro-batches per process
+        consumed = state.get("sequences", state.get("position", 0) * t.batch_size * accelerator.num_processes)
+        logger.info("resumed from %s (step %d)", resume_from, step)
+    # skip what earlier runs consumed: the data order stays exactly the same
+    stream = batches(shard(itertools.islice(sequences(run.data, tokenizer, t.seed * 1009), consumed, None),
+                           accelerator), t.batch_size)
     held_out = eval_batches(run, tokenizer, t.seed)
     log = MetricsLog(accelerator, output_dir, t.tensorboard)
+    log.rewind(step)
     chunk_size = accelerator.unwrap_model(model).config.chunk_size
     stats = run.data.source == "builtin"
 
@@ -181,7 +216,7 @@ def train(run: RunConfig, resume: bool | str = False) -> Path:
     while step < t.steps:
         losses, hits, tokens = [], [], 0
         micro = [next(stream) for _ in range(t.grad_accum)]
-        position += t.grad_accum
+        consumed += t.grad_accum * t.batch_size * accelerator.num_processes
         for batch, share in zip(micro, loss_shares(micro, accelerator)):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model):
@@ -217,7 +252,9 @@ def train(run: RunConfig, resume: bool | str = False) -> Path:
             logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
         stopping = t.stop_after is not None and step >= t.stop_after and step < t.steps
         if step % t.save_every == 0 or step == t.steps or stopping:
-            save_checkpoint(accelerator, output_dir, step, {"position": position}, t.keep)
+            save_checkpoint(accelerator, output_dir, step, {"sequences": consumed, "batch_size": t.batch_size,
+                                                            "processes": accelerator.num_processes,
+                                                            "config": run.to_dict()}, t.keep)
         if stopping:
             logger.info("stopping after step %d as asked; continue with --resume", step)
             bar.close()
