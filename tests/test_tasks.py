@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
-from ramba.data.synthetic import PASSKEY_QUESTION
 from ramba.data.tasks import SCORES, TASKS, Key, TaskError, babilong, make_sample, passkey, ruler, sample_rng, score
+from ramba.data.tasks.passkey import QUESTION as PASSKEY_QUESTION
 from ramba.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
