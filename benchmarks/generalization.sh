@@ -10,7 +10,8 @@
 #                           model, N samples per depth (DEPTHS, default 0,0.25,0.5,0.75,1)
 #   ablations               benchmarks.ablations with ABLATIONS_ARGS
 #   pack                    results (logs, metrics, benchmark outputs) to $OUT/results.tar.gz and each trained
-#                           model, in bfloat16, to $OUT/model-MIXER.tar
+#                           model, in bfloat16, to $OUT/NAME.tar, NAME as in benchmarks/models/ (MIXER-passkey
+#                           after stage 2, MIXER-multikey after stage 5): tar xf NAME.tar -C benchmarks/models
 # STAGE=5 makes evals and pack take the stage-5 model instead of the stage-2 one.
 # Each command stops after PART_S seconds (default 600). Carry .wheels (see benchmarks/device_setup.sh).
 set -u
@@ -20,6 +21,9 @@ limit="${PART_S:-600}"
 segment="${SEGMENT:-4096}"
 depths="${DEPTHS:-0,0.25,0.5,0.75,1}"
 stage="${STAGE:-2}"
+shipped() {  # the name of MIXER's packed model in benchmarks/models/
+    case $stage in 2) echo "$1-passkey" ;; 5) echo "$1-multikey" ;; *) echo "$1-stage$stage" ;; esac
+}
 
 train() {
     local mixer=$1 steps="STEPS_${1^^}"; read -r s1 s2 <<< "${!steps:-800 600}"
@@ -40,7 +44,7 @@ multikey() {
 }
 evals() {
     local mixer=$1 lengths=$2 n=$3 model="$1=$runs/$1-stage$stage/final"
-    [ -d "$runs/$1-stage$stage/final" ] || model="$1=$runs/model-$1"  # a model packed by an earlier call, carried back
+    [ -d "$runs/$1-stage$stage/final" ] || model="$1=$runs/$(shipped "$1")"  # packed by an earlier call, carried back
     local common=(--lengths "$lengths" --samples "$n" --segment "$segment")
     local benches=",${4:-passkey,ruler,babilong},"
     if [[ $benches == *,passkey,* ]]; then
@@ -67,12 +71,12 @@ ablations() {
 pack() {
     for folder in "$runs"/*-stage$stage/final; do
         [ -d "$folder" ] || continue
-        local mixer; mixer=$(basename "$(dirname "$folder")" "-stage$stage")
+        local name; name=$(shipped "$(basename "$(dirname "$folder")" "-stage$stage")")
         python3 -c "import sys, torch; from ramba import HSAHybrid
-HSAHybrid.from_pretrained(sys.argv[1]).to(torch.bfloat16).save_pretrained(sys.argv[2])" "$folder" "$runs/model-$mixer"
-        tar cf "$out/model-$mixer.tar" -C "$runs" "model-$mixer"
+HSAHybrid.from_pretrained(sys.argv[1]).to(torch.bfloat16).save_pretrained(sys.argv[2])" "$folder" "$runs/$name"
+        tar cf "$out/$name.tar" -C "$runs" "$name"
     done
-    tar czf "$out/results.tar.gz" --exclude="*.safetensors" --exclude=checkpoints --exclude="model-*" "$runs"
+    tar czf "$out/results.tar.gz" --exclude="*.safetensors" --exclude=checkpoints "$runs"
 }
 for part in ${PARTS:-train:swa evals:swa:4k,64k,1m:4 pack}; do
     echo "=== $part ($(date +%T))"

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.common import command_line
 from ramba import HSAHybrid
-from ramba.data.synthetic import ADJECTIVES
+from ramba.data.tasks.filler import ADJECTIVES
 from ramba.data.tasks import TASKS
 from ramba.layers.hsa import HSA
 from ramba.loading import load_model

@@ -11,8 +11,8 @@ from benchmarks.passkey import make_sample
 from ramba import HSAHybridConfig
 from ramba.data.tasks import Key, make_sample as task_sample, score
 
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "generalization"
-DEMO, MULTIKEY = RESULTS / "model-swa", RESULTS / "model-swa-multikey"
+MODELS = Path(__file__).resolve().parents[1] / "benchmarks" / "models"
+DEMO, MULTIKEY = MODELS / "swa-passkey", MODELS / "swa-multikey"
 
 
 @pytest.mark.parametrize("name", list(ablations.VARIANTS))
@@ -51,7 +51,7 @@ def test_unknown_variant_is_refused(tmp_path):
 
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
 def test_the_shipped_demo_model_finds_pass_keys_far_beyond_its_window(depth):
-    """The model in benchmarks/results/generalization/model-swa (a 32-token window, trained on prompts of at
+    """The model in benchmarks/models/swa-passkey (a 32-token window, trained on prompts of at
     most 4096 tokens) answers pass keys at 2048 tokens on the CPU: a check that the model code still matches
     the weights it was trained with."""
     answerer = load_answerer(f"demo={DEMO}", device="cpu", segment=512)
@@ -61,7 +61,7 @@ def test_the_shipped_demo_model_finds_pass_keys_far_beyond_its_window(depth):
 
 
 def test_the_shipped_multi_key_model_answers_the_asked_key():
-    """The model in benchmarks/results/generalization/model-swa-multikey (stages 3-5) tells four keyed needles
+    """The model in benchmarks/models/swa-multikey (stages 3-5) tells four keyed needles
     apart at 2048 tokens on the CPU (9 of these 12 prompts); the two-stage model it started from does not (0;
     a model that copies any needle's value gets a quarter)."""
     prompts = [Key("niah_multikey_1", 2048, depth, index) for depth in (0.0, 0.5, 1.0) for index in range(4)]

@@ -2,25 +2,50 @@
 
 import random
 import re
+from dataclasses import dataclass
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ramba.data.synthetic import (
-    PASSKEY_QUESTION,
-    filler,
-    kv_recall_document,
-    make_batch,
-    passkey_document,
-    training_mixture,
-)
+from ramba.data.synthetic import make_batch, needle_span, training_mixture
+from ramba.data.tasks import kv, passkey
+from ramba.data.tasks.filler import filler
+from ramba.data.tasks.passkey import QUESTION as PASSKEY_QUESTION
 from ramba.tokenizer import ByteTokenizer, load_tokenizer
 
 TOK = ByteTokenizer()
 MAX_SENTENCE = 80
 NEEDLE = r"The pass key is (\d{5,7})\. Remember it\. (\d+) is the pass key\."
+
+
+@dataclass(frozen=True)
+class TextSample:
+    """A task sample as text (byte tokens: one character each): the prompt without bos and its leading space, the
+    answer, and the character span of the fact that holds the answer (the mixture's needle span)."""
+
+    prompt: str
+    answer: str
+    needle_start: int
+    needle_end: int
+
+
+def as_text(sample) -> TextSample:
+    text = TOK.decode(sample.prompt_ids.tolist())
+    lead = 1 + len(text) - len(text.lstrip())  # bos, then the leading space
+    start, end = needle_span(sample, TOK)
+    return TextSample(text.lstrip(), sample.target, start - lead, end - lead)
+
+
+def passkey_document(rng: random.Random, length_chars: int, depth: float | None = None) -> TextSample:
+    """A mixture pass-key document whose prompt and answer take `length_chars` - 2 to `length_chars` characters."""
+    return as_text(passkey.sample(rng, TOK, length_chars - 6, depth, haystack="essay"))
+
+
+def kv_recall_document(rng: random.Random, length_chars: int, n_pairs: int) -> TextSample:
+    """A mixture key-value document whose prompt and answer take `length_chars` - 1 characters."""
+    return as_text(kv.sample(rng, TOK, length_chars - 6, n_pairs=n_pairs))
 
 
 @settings(max_examples=200, deadline=None)

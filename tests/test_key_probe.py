@@ -8,8 +8,8 @@ import torch
 
 from benchmarks.key_probe import collect, needles, report
 from ramba import HSAHybrid, HSAHybridConfig
-from ramba.data.synthetic import ADJECTIVES
 from ramba.data.tasks import TASKS
+from ramba.data.tasks.filler import ADJECTIVES
 from ramba.layers.hsa import HSA
 from ramba.tokenizer import ByteTokenizer
 

@@ -15,8 +15,8 @@ from benchmarks.answering import ModelAnswerer, answer_greedy, load_answerer
 from benchmarks.common import BenchmarkError, parse_lengths
 from benchmarks.runner import ResultsLog, sweep
 from ramba import HSAHybrid, HSAHybridConfig
-from ramba.data.synthetic import PASSKEY_QUESTION
 from ramba.data.tasks import TASKS, Key, score
+from ramba.data.tasks.passkey import QUESTION as PASSKEY_QUESTION
 from ramba.tokenizer import ByteTokenizer, load_tokenizer
 
 TOK = ByteTokenizer()

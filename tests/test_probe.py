@@ -12,7 +12,7 @@ from ramba import HSAHybrid
 from ramba.data.tasks import TASKS
 from ramba.tokenizer import ByteTokenizer
 
-DEMO = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "generalization" / "model-swa"
+DEMO = Path(__file__).resolve().parents[1] / "benchmarks" / "models" / "swa-passkey"
 
 
 def test_fact_chunks_hold_the_asked_fact_and_the_others():

@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
-from ramba.data.synthetic import PASSKEY_QUESTION
 from ramba.data.tasks import SCORES, TASKS, Key, TaskError, babilong, make_sample, passkey, ruler, sample_rng, score
+from ramba.data.tasks.passkey import QUESTION as PASSKEY_QUESTION
 from ramba.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -70,6 +70,21 @@ def test_needle_at_depth(haystack: str) -> None:
         assert abs(offset / length - depth) < 0.025
         assert TOK.decode(sample.prompt_ids[offset:].tolist()).startswith(f" The pass key is {sample.references[0]}.")
 
+
+
+@pytest.mark.parametrize("task, fact", [
+    ("passkey", r" The pass key is (\d+)\. Remember it\. \1 is the pass key\."),
+    ("niah_multikey_1", r" One hidden number for [a-z]+-[a-z]+ is \d{7}\."),
+    ("vt", r" VAR [A-Z]{5} = (VAR [A-Z]{5}|\d{5})\."),
+])
+def test_insert_spans_hold_the_inserted_facts(task: str, fact: str) -> None:
+    """[insert_offsets[i], insert_ends[i]) is exactly the i-th inserted fact, and it follows a whole sentence."""
+    for seed in range(3):
+        sample = TASKS[task](random.Random(seed), TOK, 2048, 1.0)
+        assert len(sample.insert_ends) == len(sample.insert_offsets) > 0
+        for start, end in zip(sample.insert_offsets, sample.insert_ends):
+            assert re.fullmatch(fact, TOK.decode(sample.prompt_ids[start:end].tolist()))
+            assert TOK.decode(sample.prompt_ids[start - 1:start].tolist()) in ".\n"
 
 @pytest.mark.parametrize("task", ruler.TASKS)
 def test_ruler_deterministic_exact(task: str) -> None:

@@ -15,7 +15,8 @@ for), max_new_tokens and the token offset of each inserted fact. `score(task, ou
 [0, 1]; it is 1 for the target.
 
 Tasks: passkey; niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, cwe, fwe
-(RULER-style); qa1..qa5 (bAbI-style, as in BABILong).
+(RULER-style); qa1..qa5 (bAbI-style, as in BABILong). `kv` (key-value recall, outside the registry) and
+`passkey` make the built-in pre-training mixture (ramba.data.synthetic); `filler` holds the essay text.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Callable
 
 from ramba.tokenizer import Tokenizer
 
-from . import babilong, passkey, ruler
+from . import babilong, filler, kv, passkey, ruler
 from .prompt import HAYSTACKS, Key, Prompt, Sample, TaskError, TaskFn, build_prompt, encode_prompt, sample_rng
 
 TASKS: dict[str, TaskFn] = {"passkey": passkey.sample, **ruler.TASKS, **babilong.TASKS}

@@ -158,7 +158,7 @@ def story(task: str, rng: random.Random, tokenizer: Tokenizer, length: int, dept
     depths = sorted(rng.random() for _ in facts)
     prompt = build_prompt(tokenizer, length, HEAD, haystack_units("essay", rng),
                           [(d, " " + f) for d, f in zip(depths, facts)], question_tail(question), task)
-    return Sample(prompt.ids, f" {answer}", [answer], MAX_NEW_TOKENS, prompt.insert_offsets)
+    return Sample(prompt.ids, f" {answer}", [answer], MAX_NEW_TOKENS, prompt.insert_offsets, prompt.insert_ends)
 
 
 TASKS: dict[str, TaskFn] = {name: partial(story, name) for name in STORIES}

@@ -5,12 +5,12 @@ from __future__ import annotations
 import random
 import re
 
-from ramba.data.synthetic import PASSKEY_QUESTION
 from ramba.tokenizer import Tokenizer
 
 from .prompt import Sample, build_prompt, haystack_units
 
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
 
 
 def sample(rng: random.Random, tokenizer: Tokenizer, length: int, depth: float | None = None,
@@ -21,9 +21,10 @@ def sample(rng: random.Random, tokenizer: Tokenizer, length: int, depth: float |
     digits = rng.randint(5, 7)
     key = str(rng.randrange(10 ** (digits - 1), 10**digits))
     prompt = build_prompt(tokenizer, length, "", haystack_units(haystack, rng),
-                          [(depth, " " + NEEDLE.format(key=key))], " " + PASSKEY_QUESTION, "passkey")
+                          [(depth, " " + NEEDLE.format(key=key))], " " + QUESTION, "passkey")
     target = f" {key}"
-    return Sample(prompt.ids, target, [key], len(tokenizer.encode(target)) + 4, prompt.insert_offsets)
+    return Sample(prompt.ids, target, [key], len(tokenizer.encode(target)) + 4, prompt.insert_offsets,
+                  prompt.insert_ends)
 
 
 def score(output: str, references: list[str]) -> float:

@@ -13,8 +13,9 @@ from itertools import chain, count, cycle, islice
 
 import torch
 
-from ramba.data.synthetic import filler
 from ramba.tokenizer import Tokenizer
+
+from .filler import sentences
 
 NOISE = ("The sky is clear and the sea is calm.", "The fields are green.", "A boat drifts past the old pier.",
          "Nothing much happens here.", "Then it all starts over.")
@@ -49,6 +50,7 @@ class Sample:
     references: list[str]
     max_new_tokens: int
     insert_offsets: list[int] = field(default_factory=list)  # token offset of each inserted fact
+    insert_ends: list[int] = field(default_factory=list)  # token offset where each inserted fact ends (exclusive)
 
 
 TaskFn = Callable[[random.Random, Tokenizer, int, float | None], Sample]  # (rng, tokenizer, length, depth)
@@ -60,6 +62,7 @@ class Prompt:
 
     ids: torch.Tensor  # int32 [length]
     insert_offsets: list[int]  # token offset of each insert, in the order given
+    insert_ends: list[int]  # token offset where each insert ends (exclusive)
     whole_units: int  # haystack units included whole (the next one may be cut)
 
 
@@ -70,8 +73,8 @@ def encode_prompt(tokenizer: Tokenizer, text: str) -> torch.Tensor:
 
 
 def _haystack(tokenizer: Tokenizer, units: Iterator[str], budget: int) -> tuple[torch.Tensor, list[int], int]:
-    """Token ids of the first `budget` tokens of the concatenated units, the unit boundaries (token offsets,
-    0 and `budget` included) and the number of whole units."""
+    """Token ids of the first `budget` tokens of the concatenated units, the boundaries of the whole units (token
+    offsets, 0 included; `budget` only when the last unit is whole) and the number of whole units."""
     pieces, bounds, total = [], [0], 0
     while total < budget:
         size = 64 if total == 0 else min(65536, max(64, int(1.05 * (budget - total) * (len(bounds) - 1) / total)))
@@ -85,10 +88,7 @@ def _haystack(tokenizer: Tokenizer, units: Iterator[str], budget: int) -> tuple[
         pieces.append(torch.tensor(list(chain.from_iterable(encoded)), dtype=torch.int32))
     ids = torch.cat(pieces)[:budget]
     whole = bisect.bisect_right(bounds, budget) - 1
-    bounds = bounds[:whole + 1]
-    if bounds[-1] != budget:
-        bounds.append(budget)
-    return ids, bounds, whole
+    return ids, bounds[:whole + 1], whole
 
 
 def _nearest(bounds: list[int], position: float) -> int:
@@ -101,11 +101,15 @@ def build_prompt(tokenizer: Tokenizer, length: int, head: str, units: Iterator[s
                  inserts: Sequence[tuple[float, str]], tail: str, task: str) -> Prompt:
     """bos + head + haystack + tail of exactly `length` tokens, with each (depth, text) insert placed at the unit
     boundary of the haystack nearest `depth` (0: its start, 1: its end; inserts at one place keep their order).
+    Inserts never split a unit: the last unit, cut where the length runs out, comes after every insert.
 
     The haystack is the token stream of `units` cut at the length that remains; units and inserts carry their
     own separators (a leading space, say). `task` names the task in errors.
     """
     head_ids = encode_prompt(tokenizer, head)
+    bad = [depth for depth, _ in inserts if not 0.0 <= depth <= 1.0]
+    if bad:
+        raise TaskError(f"{task}: depth must be in [0, 1], got {bad[0]}")
     tail_ids = tokenizer.encode(tail)
     insert_ids = tokenizer.encode_many([text for _, text in inserts])
     fixed = len(head_ids) + len(tail_ids) + sum(map(len, insert_ids))
@@ -123,15 +127,17 @@ def build_prompt(tokenizer: Tokenizer, length: int, head: str, units: Iterator[s
         parts.append(torch.tensor(insert_ids[k], dtype=torch.int32))
         offset += len(insert_ids[k])
     parts += [hay[cursor:], torch.tensor(tail_ids, dtype=torch.int32)]
-    return Prompt(torch.cat(parts), offsets, whole)
+    ends = [start + len(ids) for start, ids in zip(offsets, insert_ids)]
+    return Prompt(torch.cat(parts), offsets, ends, whole)
 
 
 def haystack_units(kind: str, rng: random.Random) -> Iterator[str]:
     """Haystack text, unit by unit (each with a leading space): `noise`, one short passage repeated, or `essay`,
-    English-like filler sentences (ramba.data.synthetic.filler) drawn from a generator seeded by `rng`."""
+    English-like filler sentences (`filler.sentences`, 120 characters at a time) drawn from a generator seeded
+    by `rng`, one sentence per unit so that facts land at sentence boundaries."""
     if kind == "noise":
         return (" " + sentence for sentence in cycle(NOISE))
     if kind == "essay":
         child = random.Random(rng.getrandbits(64))
-        return (" " + filler(child, 120) for _ in count())
+        return (" " + sentence for _ in count() for sentence in sentences(child, 120))
     raise TaskError(f"unknown haystack {kind!r}; choose one of {', '.join(HAYSTACKS)}")

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from functools import partial
 from itertools import accumulate, count
 
-from ramba.data.synthetic import ADJECTIVES, NOUNS
 from ramba.tokenizer import Tokenizer
 
+from .filler import ADJECTIVES, NOUNS
 from .prompt import Prompt, Sample, TaskError, TaskFn, build_prompt, encode_prompt, haystack_units
 
 
@@ -98,7 +98,8 @@ def answer_budget(task: str, tokenizer: Tokenizer, target: str) -> int:
 
 def _sample(task: str, tokenizer: Tokenizer, prompt: Prompt, references: list[str]) -> Sample:
     target = " " + ", ".join(references)
-    return Sample(prompt.ids, target, references, answer_budget(task, tokenizer, target), prompt.insert_offsets)
+    return Sample(prompt.ids, target, references, answer_budget(task, tokenizer, target), prompt.insert_offsets,
+                  prompt.insert_ends)
 
 
 def _distractors(spec: Niah, rng: random.Random, exclude: set[str]) -> Iterator[str]:
