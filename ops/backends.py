@@ -42,8 +42,11 @@ def pick(kind: str, requested: str, device: torch.device) -> str:
                     break
     else:
         choice = requested
+        known = dict(FAST[kind])
+        if choice != "torch" and choice not in known:
+            raise ValueError(f"unknown {kind} backend {choice!r}; choose one of {['auto', 'torch', *known]}")
         if choice != "torch":
-            package = dict(FAST[kind])[choice]
+            package = known[choice]
             if choice not in AVAILABLE[kind]:
                 raise NotImplementedError(f"the {choice!r} backend for {kind} is not built yet; use 'torch' or 'auto'")
             if not installed(package):
