@@ -109,7 +109,7 @@ def load_answerer(spec: str, tokenizer: str | None = None, device: str = "cpu", 
         tok = benchmark_tokenizer(tokenizer)
     else:
         try:
-            model = HSAHybrid.from_pretrained(path)
+            model = HSAHybrid.from_pretrained(path, dtype=torch.float32)
         except Exception as err:  # missing files, bad JSON, a bad config, weights that do not match...
             raise BenchmarkError(f"could not load a model from {path!r}: {err}\n--checkpoint takes a directory "
                                  "written by HSAHybrid.save_pretrained (config.json and model.safetensors), "

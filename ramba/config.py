@@ -151,7 +151,7 @@ class HSAHybridConfig:
             need(_is_number(value) and value > 0, name, f"must be a finite number > 0, got {value!r}")
         for name in NON_NEGATIVE_FLOATS:
             value = getattr(self, name)
-            need(_is_number(value) and value >= 0, name, f"must be a finite number >= 0, got {value!r}")
+            need(_is_number(value) and value >= 0, name, f"must be a finite non-negative number, got {value!r}")
         for name, allowed in CHOICES.items():
             need(getattr(self, name) in allowed, name, f"must be one of {allowed}, got {getattr(self, name)!r}")
 

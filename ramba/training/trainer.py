@@ -39,7 +39,8 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 
 def build_model(run: RunConfig, vocab: int) -> HSAHybrid:
     if run.model.checkpoint:
-        model = HSAHybrid.from_pretrained(run.model.checkpoint, **run.model.overrides)
+        # float32 master weights whatever the checkpoint was saved in (mixed precision is the accelerator's job)
+        model = HSAHybrid.from_pretrained(run.model.checkpoint, dtype=torch.float32, **run.model.overrides)
     else:
         model = HSAHybrid(HSAHybridConfig.preset(run.model.preset, **run.model.overrides))
     if model.config.vocab_size < vocab:
