@@ -33,6 +33,9 @@ def pick(kind: str, requested: str, device: torch.device) -> str:
     "auto" gives the first fast backend whose package is installed when the device is CUDA, else "torch".
     A forced backend that cannot run raises an error that says why.
     """
+    known = ["auto", "torch", *(name for name, _ in FAST[kind])]
+    if requested not in known:
+        raise ValueError(f"unknown {kind} backend {requested!r}: use one of {', '.join(map(repr, known))}")
     if requested == "auto":
         choice = "torch"
         if device.type == "cuda":
@@ -42,11 +45,8 @@ def pick(kind: str, requested: str, device: torch.device) -> str:
                     break
     else:
         choice = requested
-        known = dict(FAST[kind])
-        if choice != "torch" and choice not in known:
-            raise ValueError(f"unknown {kind} backend {choice!r}; choose one of {['auto', 'torch', *known]}")
         if choice != "torch":
-            package = known[choice]
+            package = dict(FAST[kind])[choice]
             if choice not in AVAILABLE[kind]:
                 raise NotImplementedError(f"the {choice!r} backend for {kind} is not built yet; use 'torch' or 'auto'")
             if not installed(package):

@@ -145,7 +145,8 @@ class HSAHybridConfig:
              f"must be at least 1 (the number of chunks each token retrieves), got {self.topk!r}")
         for name in BOOLS:
             value = getattr(self, name)
-            need(isinstance(value, bool), name, f"must be true or false (a bool, not a string or number), got {value!r}")
+            need(isinstance(value, bool), name,
+                 f"must be true or false (a bool, not a string or number), got {value!r}")
         for name in POSITIVE_FLOATS:
             value = getattr(self, name)
             need(_is_number(value) and value > 0, name, f"must be a finite number > 0, got {value!r}")

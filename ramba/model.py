@@ -13,7 +13,6 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from safetensors import SafetensorError
 from torch import nn
 
 from .cache import HSACache, new_mixer_state
@@ -322,7 +321,7 @@ class HSAHybrid(nn.Module):
             saved = _saved_float_dtypes(weights)
             _set_dtypes(model, saved if dtype is None else dtype)
             missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False, device=str(device))
-        except SafetensorError as e:
+        except safetensors.SafetensorError as e:
             raise ValueError(f"{weights} is damaged or truncated ({e}); save the model again or restore the "
                              "file") from None
         except RuntimeError as e:  # a weight of another shape than the config gives it

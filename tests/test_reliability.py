@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ramba import ConfigError, HSAHybrid, HSAHybridConfig
+from ramba.config import CHOICES
 from ramba.ops import hsa_aggregate, hsa_retrieve
 from ramba.ops.backends import pick
 
@@ -60,13 +61,44 @@ def test_every_field_has_bad_values():
     assert set(FIELD_KINDS) == {f.name for f in dataclasses.fields(HSAHybridConfig)}
 
 
-@settings(max_examples=150, deadline=None)
-@given(case=st.sampled_from(CASES))
-def test_bad_field_value_names_the_field(case):
-    name, bad = case
+def _not_in(allowed):
+    return st.text(max_size=8).filter(lambda t: t not in allowed)
+
+
+_NOT_NUMBERS = [st.text(max_size=8), st.booleans(), st.none(), st.lists(st.integers(), max_size=2)]
+STRATEGIES = {
+    "bool": st.one_of(st.text(max_size=8), st.integers(), st.floats(), st.none(), st.lists(st.booleans(), max_size=2)),
+    "positive_int": st.one_of(st.integers(max_value=0), st.floats(), *_NOT_NUMBERS),
+    "non_negative_int": st.one_of(st.integers(max_value=-1), st.floats(), *_NOT_NUMBERS),
+    "positive_float": st.one_of(st.floats(max_value=0.0), st.sampled_from([NAN, INF]), *_NOT_NUMBERS),
+    "non_negative_float": st.one_of(st.floats(max_value=0.0, exclude_max=True), st.sampled_from([NAN, INF]),
+                                    *_NOT_NUMBERS),
+    **{f"choice:{name}": st.one_of(_not_in(allowed), st.integers(), st.none(), st.booleans())
+       for name, allowed in CHOICES.items()},
+    "mixer": st.one_of(_not_in(("swa", "mamba2")), st.integers(), st.none(), st.booleans(),
+                       st.lists(st.sampled_from(["swa", "mamba2", None, 1]), max_size=6)
+                       .filter(lambda m: len(m) != 4 or not all(x in ("swa", "mamba2") for x in m))),
+}
+
+
+def _assert_names_field(name, bad):
     with pytest.raises(ConfigError) as err:
         HSAHybridConfig(**{name: bad})
     assert err.value.field == name and f"HSAHybridConfig.{name}" in str(err.value)
+
+
+@pytest.mark.parametrize("name,bad", CASES)
+def test_listed_bad_field_values_name_the_field(name, bad):
+    _assert_names_field(name, bad)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_any_bad_field_value_names_the_field(data):
+    name = data.draw(st.sampled_from(sorted(FIELD_KINDS)))
+    kind = FIELD_KINDS[name]
+    bad = data.draw(STRATEGIES[f"choice:{name}" if kind == "choice" else kind])
+    _assert_names_field(name, bad)
 
 
 @pytest.mark.parametrize("name,value", [("rope_theta", 10000), ("norm_eps", 1e-6), ("initializer_range", 0),
@@ -245,7 +277,8 @@ def test_bogus_backend_names_it():
 def test_small_integer_indices_work(dtype, backend):
     pytest.importorskip("triton")
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(1, 5, 2, 32, generator=g), torch.randn(1, 64, 1, 32, generator=g), torch.randn(1, 64, 1, 32, generator=g)
+    q = torch.randn(1, 5, 2, 32, generator=g)
+    k, v = torch.randn(1, 64, 1, 32, generator=g), torch.randn(1, 64, 1, 32, generator=g)
     indices = torch.tensor([[1, 0], [0, -1], [-1, -1], [1, -1], [0, 1]]).view(1, 5, 1, 2)
     weights = torch.rand(1, 5, 1, 2, generator=g)
     want = hsa_aggregate(q, k, v, indices, weights, 32, backend=backend)
