@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -20,12 +21,32 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# fields by kind, each validated by name (the relations between fields are checked after)
+POSITIVE_INTS = ("vocab_size", "d_model", "num_heads", "num_kv_heads", "head_dim", "window", "d_state", "d_conv",
+                 "expand", "mamba_head_dim", "n_groups", "mamba_chunk_size", "chunk_size", "retrieval_dim",
+                 "hsa_every")
+NON_NEGATIVE_INTS = ("n_lower_layers", "n_upper_layers", "encoder_layers", "intermediate_size")
+BOOLS = ("plain_block_mlp", "use_hsa", "retrieve_beyond_window", "softmax_off_by_one", "tie_embeddings")
+POSITIVE_FLOATS = ("rope_theta", "norm_eps")
+NON_NEGATIVE_FLOATS = ("gumbel_noise", "initializer_range")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float (a bool or a string is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 class ConfigError(ValueError):
     """A config field has a value the model cannot work with."""
 
     def __init__(self, name: str, problem: str):
         super().__init__(f"HSAHybridConfig.{name}: {problem}")
         self.field = name
+        self.problem = problem
 
 
 @dataclass
@@ -114,18 +135,24 @@ class HSAHybridConfig:
             if not ok:
                 raise ConfigError(name, problem)
 
-        for name in ("vocab_size", "d_model", "num_heads", "num_kv_heads", "head_dim", "window",
-                     "d_state", "d_conv", "expand", "mamba_head_dim", "n_groups", "mamba_chunk_size",
-                     "chunk_size", "retrieval_dim", "hsa_every"):
+        for name in POSITIVE_INTS:
             value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
-                 f"must be a positive integer, got {value!r}")
-        for name in ("n_lower_layers", "n_upper_layers", "encoder_layers", "intermediate_size"):
+            need(_is_int(value) and value > 0, name, f"must be a positive integer, got {value!r}")
+        for name in NON_NEGATIVE_INTS:
             value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name,
-                 f"must be a non-negative integer, got {value!r}")
-        need(isinstance(self.topk, int) and not isinstance(self.topk, bool) and self.topk >= 1, "topk",
+            need(_is_int(value) and value >= 0, name, f"must be a non-negative integer, got {value!r}")
+        need(_is_int(self.topk) and self.topk >= 1, "topk",
              f"must be at least 1 (the number of chunks each token retrieves), got {self.topk!r}")
+        for name in BOOLS:
+            value = getattr(self, name)
+            need(isinstance(value, bool), name,
+                 f"must be true or false (a bool, not a string or number), got {value!r}")
+        for name in POSITIVE_FLOATS:
+            value = getattr(self, name)
+            need(_is_number(value) and value > 0, name, f"must be a finite number > 0, got {value!r}")
+        for name in NON_NEGATIVE_FLOATS:
+            value = getattr(self, name)
+            need(_is_number(value) and value >= 0, name, f"must be a finite non-negative number, got {value!r}")
         for name, allowed in CHOICES.items():
             need(getattr(self, name) in allowed, name, f"must be one of {allowed}, got {getattr(self, name)!r}")
 
@@ -142,19 +169,19 @@ class HSAHybridConfig:
              f"expand * d_model ({self.d_inner}) must be a multiple of mamba_head_dim ({self.mamba_head_dim})")
         need((self.d_inner // self.mamba_head_dim) % self.n_groups == 0, "n_groups",
              f"the Mamba2 head count ({self.d_inner // self.mamba_head_dim}) must be a multiple of n_groups")
-        need(isinstance(self.gumbel_noise, (int, float)) and self.gumbel_noise >= 0, "gumbel_noise",
-             f"must be a non-negative scale (0 turns it off), got {self.gumbel_noise!r}")
         need(self.landmark == "mean" or self.encoder_layers >= 1, "landmark",
              "'cls' needs encoder_layers >= 1 (with no encoder layer the CLS vector sees no token); "
              "use landmark='mean' or add an encoder layer")
 
+        need(isinstance(self.local_mixer, (str, list, tuple)), "local_mixer",
+             f"must be one of {MIXERS} or a list of them (one per block), got {self.local_mixer!r}")
         if isinstance(self.local_mixer, str):
             need(self.local_mixer in MIXERS, "local_mixer", f"must be one of {MIXERS}, got {self.local_mixer!r}")
         else:
             mixers = list(self.local_mixer)
             need(len(mixers) == self.n_layers, "local_mixer",
                  f"a per-layer list needs n_lower_layers + n_upper_layers = {self.n_layers} entries, got {len(mixers)}")
-            bad = [m for m in mixers if m not in MIXERS]
+            bad = [m for m in mixers if not isinstance(m, str) or m not in MIXERS]
             need(not bad, "local_mixer", f"entries must be in {MIXERS}, got {bad}")
         if self.retrieve_beyond_window:
             hsa_mixers = {m for i, m in enumerate(self.mixers) if self.is_hsa_layer(i)}
@@ -175,6 +202,9 @@ class HSAHybridConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "HSAHybridConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"HSAHybridConfig.from_dict needs a mapping of field names to values, got "
+                            f"{type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -183,10 +213,23 @@ class HSAHybridConfig:
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> "HSAHybridConfig":
+        """A config from a JSON file, or from JSON text (a string starting with '{'). Errors name the file."""
         text = str(path_or_text)
+        source = "the JSON text"
         if not text.lstrip().startswith("{"):
+            source = str(path_or_text)
             text = Path(path_or_text).read_text()
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source} is not valid JSON ({e}); it should hold one HSAHybridConfig object, as "
+                             "written by HSAHybridConfig.to_json") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{source} must hold a JSON object of config fields, got a {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(e.field, f"{e.problem} (in {source})") from None
 
     # ----------------------------------------------------------------- presets
     @classmethod

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
+import safetensors
 import safetensors.torch
 import torch
 import torch.nn.functional as F
@@ -154,7 +156,8 @@ class HSAHybrid(nn.Module):
         """input_ids [B, L] -> HSAOutput.
 
         labels [B, L]: targets aligned with input_ids (the model shifts them: position t predicts labels[t+1]);
-        -100 is ignored. attention_mask [B, L]: 1 for tokens, 0 for padding (left or right). Packed documents:
+        -100 is ignored (a batch whose labels are all ignored gets loss 0 and a RuntimeWarning, not NaN).
+        attention_mask [B, L]: 1 for tokens, 0 for padding (left or right). Packed documents:
         doc_ids [B, L] (each run of equal ids is a document) or cu_seqlens [num_docs + 1] (document offsets
         into the flattened batch): tokens never mix with, and never retrieve from, another document.
 
@@ -165,6 +168,9 @@ class HSAHybrid(nn.Module):
         """
         self._check_ids(input_ids, labels)
         length = input_ids.shape[1]
+        if logits_to_keep is not None and (not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool)):
+            raise TypeError(f"logits_to_keep must be an int (how many last positions get logits) or None, got "
+                            f"{logits_to_keep!r}")
         keep = length if logits_to_keep is None else logits_to_keep
         if not 0 <= keep <= length:
             raise ValueError(f"logits_to_keep must be in [0, {length}] (the input length), got {logits_to_keep}")
@@ -183,12 +189,25 @@ class HSAHybrid(nn.Module):
             targets = labels[:, 1:].long()
             if attention_mask is not None:
                 targets = targets.masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
-            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
+            loss = self._loss(logits, targets)
         if not return_retrieval:
             return HSAOutput(logits=logits, loss=loss)
         return HSAOutput(logits=logits, loss=loss, retrieval=[i for i, _ in retrieval],
                          retrieval_weights=[w for _, w in retrieval])
+
+    @staticmethod
+    def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross entropy of logits [B, L, V] (all but the last position) against targets [B, L - 1].
+
+        When every target is ignored (-100, or padding) there is nothing to average: the loss is 0 (still
+        attached to the graph, so backward gives zero gradients) and a RuntimeWarning says so, rather than
+        the NaN of an empty mean."""
+        flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+        if not bool((targets != IGNORE_INDEX).any()):
+            warnings.warn("every label is ignored (-100 or padding): the loss is 0 for this batch", RuntimeWarning,
+                          stacklevel=3)
+            return flat.sum() * 0.0
+        return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
     def _block(self, block: nn.Module, *args):
         """Run a block, through activation checkpointing when gradient_checkpointing is on in training."""
@@ -273,31 +292,90 @@ class HSAHybrid(nn.Module):
 
     # ---------------------------------------------------------------- save/load
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write config.json and model.safetensors (weights only, no pickle) into `directory`."""
+        """Write config.json and model.safetensors (weights only, no pickle, in their current dtypes) into
+        `directory`, creating it when needed."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(f"save_pretrained: {directory} is a file; give a directory to write "
+                                     f"{CONFIG_FILE} and {WEIGHTS_FILE} into")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as e:
+            raise NotADirectoryError(f"save_pretrained: cannot create the directory {directory}: a part of that "
+                                     f"path is a file ({e.strerror})") from None
         self.config.to_json(directory / CONFIG_FILE)
         safetensors.torch.save_model(self, str(directory / WEIGHTS_FILE))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
-                        **overrides: Any) -> "HSAHybrid":
+                        dtype: torch.dtype | None = None, **overrides: Any) -> "HSAHybrid":
         """Load a model written by save_pretrained; `overrides` replace fields of its config (those that keep
-        every weight's shape, e.g. softmax_off_by_one or retrieval_weights)."""
+        every weight's shape, e.g. softmax_off_by_one or retrieval_weights).
+
+        dtype: the floating dtype of the loaded model; None keeps the dtypes the weights were saved in (a model
+        saved in bfloat16 comes back in bfloat16). Raises ValueError, naming the file, for a truncated or
+        damaged weight file, and, naming the tensor, for weights that hold NaN or inf.
+        """
         directory = Path(directory)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"from_pretrained: dtype must be a floating torch.dtype (e.g. torch.bfloat16) or None "
+                            f"(keep the saved dtypes), got {dtype!r}")
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} not found: from_pretrained needs a directory written "
                                         "by HSAHybrid.save_pretrained (config.json and model.safetensors)")
+        weights = directory / WEIGHTS_FILE
         config = HSAHybridConfig.from_json(directory / CONFIG_FILE)
         model = cls(HSAHybridConfig.from_dict({**config.to_dict(), **overrides}) if overrides else config)
         changed = f" with overrides {sorted(overrides)}" if overrides else ""
         try:
-            missing, unexpected = safetensors.torch.load_model(model, str(directory / WEIGHTS_FILE), strict=False,
-                                                               device=str(device))
+            saved = _saved_float_dtypes(weights)
+            _set_dtypes(model, saved if dtype is None else dtype)
+            missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False, device=str(device))
+        except safetensors.SafetensorError as e:
+            raise ValueError(f"{weights} is damaged or truncated ({e}); save the model again or restore the "
+                             "file") from None
         except RuntimeError as e:  # a weight of another shape than the config gives it
-            raise ValueError(f"{directory / WEIGHTS_FILE} does not fit its config{changed}: {e}") from None
+            raise ValueError(f"{weights} does not fit its config{changed}: {e}") from None
         if missing or unexpected:
-            raise ValueError(f"{directory / WEIGHTS_FILE} does not match its config{changed}: missing "
+            raise ValueError(f"{weights} does not match its config{changed}: missing "
                              f"{sorted(missing)}, unexpected {sorted(unexpected)}")
+        _check_finite(model, saved, weights)
         return model.to(device)
+
+
+# safetensors' names of the floating dtypes
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _saved_float_dtypes(path: Path) -> dict[str, torch.dtype]:
+    """name -> dtype of every floating tensor in a safetensors file (reads the header only)."""
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+    return {name: FLOAT_DTYPES[d] for name, d in dtypes.items() if d in FLOAT_DTYPES}
+
+
+def _set_dtypes(model: nn.Module, dtypes: torch.dtype | dict[str, torch.dtype]) -> None:
+    """Cast the model to one dtype, or each saved tensor to its own dtype (when the file holds one floating
+    dtype, the whole model, non-persistent buffers included, takes it, as the saved model had)."""
+    if isinstance(dtypes, dict) and len(set(dtypes.values())) == 1:
+        dtypes = next(iter(dtypes.values()))
+    if isinstance(dtypes, torch.dtype):
+        model.to(dtypes)
+        return
+    for name, tensor in model.state_dict(keep_vars=True).items():  # tied weights appear under both names
+        if name in dtypes and tensor.is_floating_point():
+            tensor.data = tensor.data.to(dtypes[name])
+
+
+def _check_finite(model: nn.Module, names: Iterable[str], path: Path) -> None:
+    """Raise ValueError naming the file and the tensors when a loaded weight holds NaN or inf."""
+    state = model.state_dict()
+    names = [n for n in names if n in state]
+    if not names:
+        return
+    finite = torch.stack([torch.isfinite(state[n]).all() for n in names]).tolist()  # one device sync
+    bad = [n for n, ok in zip(names, finite) if not ok]
+    if bad:
+        raise ValueError(f"{path}: tensor(s) {', '.join(bad)} hold NaN or inf values; the file is damaged or "
+                         "was saved from a model whose training diverged, and would give NaN logits")

@@ -14,6 +14,7 @@ __all__ = ["hsa_aggregate", "aggregate_dense", "aggregate_reference"]
 
 # with a memory of at most this many times the K*S selected tokens, the dense formulation is the faster one
 DENSE_RATIO = 4
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
@@ -34,8 +35,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Ten
     if indices.dim() != 4 or indices.shape[:3] != (B, L, H) or weights.shape != indices.shape:
         raise ValueError(f"hsa_aggregate: indices and weights must both be [B, L, H, K] = [{B}, {L}, {H}, K], got "
                          f"{tuple(indices.shape)} and {tuple(weights.shape)}")
-    if indices.is_floating_point() or indices.dtype == torch.bool:
-        raise TypeError(f"hsa_aggregate: indices must be an integer tensor, got {indices.dtype}")
+    if indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"hsa_aggregate: indices must be a signed integer tensor (int64, int32, int16 or int8: -1 "
+                        f"marks an empty slot), got {indices.dtype}")
     for name, t in (("q", q), ("k", k), ("v", v), ("weights", weights)):
         if not t.is_floating_point():
             raise TypeError(f"hsa_aggregate: {name} must be floating point, got {t.dtype}")
@@ -66,13 +68,17 @@ def hsa_aggregate(
     (query head h reads kv head h // (HQ // H)). Returns o [B, L, HQ, D] in q's dtype:
     o[t, h] = sum_i weights[t, i] * softmax_j(q[t, h] . k[c_i*S + j] * scale) v[c_i*S + j], the softmax over
     the S tokens of chunk c_i (plus 1 in the denominator with `softmax_off_by_one`); slots with index -1
-    contribute nothing. scale defaults to 1/sqrt(D). Differentiable w.r.t. q, k, v and weights.
+    contribute nothing. Memory a token does not select never reaches its output or gradients, whatever it holds
+    (NaN, inf); a selected chunk that holds a NaN makes the output NaN. scale defaults to 1/sqrt(D).
+    Differentiable w.r.t. q, k, v and weights. indices: int64, int32, int16 or int8.
     backend: "auto" (the Triton kernels for CUDA inputs they support, else PyTorch), "triton" or "torch".
     check_indices: raise IndexError for an index outside [-1, C) before any kernel runs. The check waits for
     the device (one sync); pass False for indices from hsa_retrieve. Unchecked, every backend treats such an
     index as an empty slot: nothing reads outside k and v.
     """
     _check(q, k, v, indices, weights, chunk_size, check_indices)
+    if indices.dtype in (torch.int16, torch.int8):  # the kernels and torch's scatter take 32 or 64 bits
+        indices = indices.long()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if pick("ops", backend, q.device) == "triton":
         from . import fused

@@ -19,8 +19,8 @@ def aggregate_reference(
     """o[t, h] = sum_i w[t, h//G, i] * softmax_j(q[t, h] . k[c_i*S + j] * scale) v[c_i*S + j].
 
     q [B, L, HQ, D]; k, v [B, C*S, H, D]; indices, weights [B, L, H, K] -> o [B, L, HQ, D] in q's dtype.
-    Slots with index -1 (or any index outside [0, C)) contribute nothing. Computed in float32 (float64 inputs
-    stay float64).
+    Slots with index -1 (or any index outside [0, C)) contribute nothing, and memory a token does not select
+    never reaches its output or gradients, whatever it holds. Computed in float32 (float64 inputs stay float64).
     Memory is O(B * L * H * K * S * D): this is the ground truth, not the fast path.
     """
     B, L, HQ, D = q.shape
@@ -36,9 +36,10 @@ def aggregate_reference(
     b_idx = torch.arange(B, device=q.device)[:, None, None, None]
     h_idx = torch.arange(H, device=q.device)[None, None, :, None]
     rows = (b_idx * H + h_idx) * C + torch.where(valid, indices, 0)
-    kc = k.to(dtype).view(B, C, S, H, D).permute(0, 3, 1, 2, 4).reshape(B * H * C, S, D)[rows]
-    vc = v.to(dtype).view(B, C, S, H, D).permute(0, 3, 1, 2, 4).reshape(B * H * C, S, D)[rows]
-    # kc, vc: [B, L, H, K, S, D]
+    # kc, vc: [B, L, H, K, S, D]; an empty slot reads zeros, never chunk 0 (which may hold anything)
+    empty = ~valid[..., None, None]
+    kc = k.to(dtype).view(B, C, S, H, D).permute(0, 3, 1, 2, 4).reshape(B * H * C, S, D)[rows].masked_fill(empty, 0)
+    vc = v.to(dtype).view(B, C, S, H, D).permute(0, 3, 1, 2, 4).reshape(B * H * C, S, D)[rows].masked_fill(empty, 0)
     qg = q.to(dtype).view(B, L, H, G, D)
     logits = torch.einsum("blhgd,blhksd->blhgks", qg, kc) * scale
     if softmax_off_by_one:
@@ -67,7 +68,9 @@ def aggregate_dense(
 
     Per-chunk softmax over [B, H, G, L, C, S] scores, each chunk's probabilities scaled by its weight (0 when
     not selected), then one matmul with v. O(B * HQ * L * Lk) memory: faster on CPUs while the memory Lk is
-    short next to K * S, quadratic beyond.
+    short next to K * S, quadratic beyond. Every token meets every chunk in these matmuls, so a chunk holding
+    NaN or inf takes part as zeros and the tokens that select it get NaN outputs: memory a token does not
+    select never reaches its output or gradients.
     """
     B, L, HQ, D = q.shape
     H, S = k.shape[2], chunk_size
@@ -75,15 +78,24 @@ def aggregate_dense(
     C = k.shape[1] // S
     dtype = torch.promote_types(q.dtype, torch.float32)
     valid = (indices >= 0) & (indices < C)
-    dense_w = torch.zeros(B, L, H, C + 1, dtype=dtype, device=q.device)  # column C collects empty slots
-    dense_w = dense_w.scatter_add(-1, torch.where(valid, indices, C), torch.where(valid, weights.to(dtype), 0.0))
+    slot = torch.where(valid, indices, C)  # column C collects empty slots
+    dense_w = torch.zeros(B, L, H, C + 1, dtype=dtype, device=q.device)
+    dense_w = dense_w.scatter_add(-1, slot, torch.where(valid, weights.to(dtype), 0.0))
+    k, v = k.to(dtype), v.to(dtype)
+    finite = torch.isfinite(k) & torch.isfinite(v)  # [B, Lk, H, D]
+    k, v = torch.where(finite, k, 0.0), torch.where(finite, v, 0.0)
+    bad = ~finite.view(B, C, S, H, D).all(-1).all(2)  # [B, C, H]: the chunk holds a NaN or inf
+    bad = F.pad(bad.transpose(1, 2), (0, 1))[:, None].expand(B, L, H, C + 1)  # [B, L, H, C + 1]
+    reads_bad = torch.gather(bad, -1, slot).any(-1)  # [B, L, H]
     qh = q.to(dtype).view(B, L, H, G, D).permute(0, 2, 3, 1, 4)  # [B, H, G, L, D]
-    kh = k.to(dtype).permute(0, 2, 1, 3)[:, :, None]  # [B, H, 1, Lk, D]
+    kh = k.permute(0, 2, 1, 3)[:, :, None]  # [B, H, 1, Lk, D]
     logits = (qh @ kh.transpose(-1, -2) * scale).view(B, H, G, L, C, S)
     if softmax_off_by_one:
         probs = torch.softmax(F.pad(logits, (0, 1)), dim=-1)[..., :-1]
     else:
         probs = torch.softmax(logits, dim=-1)
     probs = probs * dense_w[..., :C].permute(0, 2, 1, 3)[:, :, None, :, :, None]
-    out = probs.reshape(B, H, G, L, C * S) @ v.to(dtype).permute(0, 2, 1, 3)[:, :, None]  # [B, H, G, L, D]
-    return out.permute(0, 3, 1, 2, 4).reshape(B, L, HQ, D).to(q.dtype)
+    out = probs.reshape(B, H, G, L, C * S) @ v.permute(0, 2, 1, 3)[:, :, None]  # [B, H, G, L, D]
+    out = out.permute(0, 3, 1, 2, 4)  # [B, L, H, G, D]
+    out = torch.where(reads_bad[..., None, None], float("nan"), out)
+    return out.reshape(B, L, HQ, D).to(q.dtype)

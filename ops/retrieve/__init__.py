@@ -54,6 +54,7 @@ def hsa_retrieve(
     Returns indices [B, L, Hr, K] (int64, -1 for empty slots; most recent chunk first, empty slots last)
     and scores [B, L, Hr, K] (qr . lmk / sqrt(dr), float32 or wider, -inf for empty slots), differentiable w.r.t.
     qr and landmarks. `gumbel` > 0 perturbs the selection (not the returned scores) with Gumbel noise.
+    A landmark a token cannot see never reaches its indices, scores or gradients, whatever it holds (NaN, inf).
     """
     _check(qr, landmarks, topk, chunk_size, positions, window)
     if positions is None:

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .naive import divide_by_sqrt_dim
+from .naive import SelectedScores, divide_by_sqrt_dim
 
 MAX_TOPK = 64
 SMALL_MEMORY = 4096  # chunks: at most this many landmarks (1 MB at dr=128 in bf16) stay in L2
@@ -134,68 +134,6 @@ def _retrieve_kernel(
         splits = tl.num_programs(2)
         out_row = ((b.to(tl.int64) * L + rows) * Hr + h) * splits + pid_s
         tl.store(out_ptr + out_row[:, None] * TOPK + slot, best, mask=row_ok[:, None] & (slot < TOPK))
-
-
-def _gather(landmarks: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """landmarks [B, C, Hr, dr], indices [B, L, Hr, K] (C >= 1; -1 reads chunk 0) -> [B, L, Hr, K, dr] float32."""
-    B, _, Hr, _ = landmarks.shape
-    batch = torch.arange(B, device=indices.device).view(B, 1, 1, 1)
-    head = torch.arange(Hr, device=indices.device).view(1, 1, Hr, 1)
-    return landmarks[batch, indices.clamp(min=0), head].float()
-
-
-class _SelectedScores(torch.autograd.Function):
-    """qr [B, L, Hr, dr] . landmarks[b, indices, h] / sqrt(dr) -> [B, L, Hr, K] float32, -inf where indices < 0;
-    `scores`, when given, are these already (from the selection kernel) and only the backward is needed.
-
-    With few chunks (C <= K * dr) dense matmuls over all chunks are faster and take no more memory than the
-    gathered [B, L, Hr, K, dr] landmarks; otherwise the landmarks are gathered and gradients index-added.
-    """
-
-    @staticmethod
-    def forward(ctx, qr: torch.Tensor, landmarks: torch.Tensor, indices: torch.Tensor,
-                scores: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(qr, landmarks, indices)
-        C, dr = landmarks.shape[1], landmarks.shape[3]
-        if scores is not None:  # already computed by the selection kernel
-            return scores
-        if C == 0:
-            return torch.full(indices.shape, float("-inf"), device=qr.device)
-        if C <= indices.shape[-1] * dr:
-            every = torch.einsum("blhd,bchd->blhc", qr.float(), landmarks.float())
-            scores = torch.gather(every, -1, indices.clamp(min=0))
-        else:
-            scores = torch.einsum("blhd,blhkd->blhk", qr.float(), _gather(landmarks, indices))
-        return divide_by_sqrt_dim(scores, dr).masked_fill(indices < 0, float("-inf"))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
-        qr, landmarks, indices = ctx.saved_tensors
-        B, C, Hr, dr = landmarks.shape
-        if C == 0:
-            return torch.zeros_like(qr), torch.zeros_like(landmarks), None, None
-        grad = grad.float().masked_fill(indices < 0, 0.0) / math.sqrt(dr)
-        want_qr, want_lmk = ctx.needs_input_grad[:2]
-        grad_qr = grad_lmk = None
-        if C <= indices.shape[-1] * dr:
-            every = torch.zeros(*indices.shape[:-1], C, device=qr.device)
-            every.scatter_add_(-1, indices.clamp(min=0), grad)
-            if want_qr:
-                grad_qr = torch.einsum("blhc,bchd->blhd", every, landmarks.float()).to(qr.dtype)
-            if want_lmk:
-                grad_lmk = torch.einsum("blhc,blhd->bchd", every, qr.float()).to(landmarks.dtype)
-            return grad_qr, grad_lmk, None, None
-        if want_qr:
-            grad_qr = torch.einsum("blhk,blhkd->blhd", grad, _gather(landmarks, indices)).to(qr.dtype)
-        if want_lmk:
-            batch = torch.arange(B, device=qr.device).view(B, 1, 1, 1)
-            head = torch.arange(Hr, device=qr.device).view(1, 1, Hr, 1)
-            rows = (batch * C + indices.clamp(min=0)) * Hr + head  # row of landmarks.view(-1, dr)
-            contrib = grad[..., None] * qr.float()[..., None, :]  # [B, L, Hr, K, dr]
-            grad_lmk = torch.zeros(B * C * Hr, dr, device=qr.device)
-            grad_lmk.index_add_(0, rows.reshape(-1), contrib.reshape(-1, dr))
-            grad_lmk = grad_lmk.view(B, C, Hr, dr).to(landmarks.dtype)
-        return grad_qr, grad_lmk, None, None
 
 
 def unsupported(qr: torch.Tensor, landmarks: torch.Tensor, topk: int, gumbel: float = 0.0) -> str | None:
@@ -323,4 +261,4 @@ def retrieve_triton(
                                   float(gumbel), splits)
     if scores is not None and not (torch.is_grad_enabled() and (qr.requires_grad or landmarks.requires_grad)):
         return indices, scores
-    return indices, _SelectedScores.apply(qr, landmarks, indices, scores)
+    return indices, SelectedScores.apply(qr, landmarks, indices, scores)

@@ -42,10 +42,11 @@ def retrieve_reference(
     B, L, Hr, dr = qr.shape
     C = landmarks.shape[1]
     dtype = torch.promote_types(qr.dtype, torch.float32)
-    scores = divide_by_sqrt_dim(torch.einsum("blhd,bchd->blhc", qr.to(dtype), landmarks.to(dtype)), dr)
+    with torch.no_grad():
+        scores = divide_by_sqrt_dim(torch.einsum("blhd,bchd->blhc", qr.to(dtype), landmarks.to(dtype)), dr)
     chunk = torch.arange(C, device=qr.device)
     visible = chunk < visible_chunks(positions, chunk_size, C, window)[:, :, None, None]  # [B, L, 1, C]
-    ranked = scores.detach()
+    ranked = scores
     if gumbel > 0:
         uniform = torch.rand_like(ranked).clamp_(1e-20, 1.0)
         ranked = ranked - gumbel * torch.log(-torch.log(uniform))
@@ -62,4 +63,82 @@ def retrieve_reference(
     # one spare column keeps the gather valid when there is no chunk at all
     gathered = torch.gather(torch.nn.functional.pad(scores, (0, 1)), -1, indices.clamp(min=0))
     selected_scores = gathered.masked_fill(indices < 0, float("-inf"))
+    if torch.is_grad_enabled() and (qr.requires_grad or landmarks.requires_grad):
+        # gradients through the selected chunks only: a landmark a token cannot see never reaches its gradient
+        selected_scores = SelectedScores.apply(qr, landmarks, indices, selected_scores)
     return indices, selected_scores
+
+
+def _gather(landmarks: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """landmarks [B, C, Hr, dr], indices [B, L, Hr, K] (C >= 1) -> [B, L, Hr, K, dr] in dtype, zeros for the
+    empty slots (indices < 0)."""
+    B, _, Hr, _ = landmarks.shape
+    batch = torch.arange(B, device=indices.device).view(B, 1, 1, 1)
+    head = torch.arange(Hr, device=indices.device).view(1, 1, Hr, 1)
+    picked = landmarks[batch, indices.clamp(min=0), head].to(dtype)
+    return picked.masked_fill((indices < 0)[..., None], 0.0)
+
+
+class SelectedScores(torch.autograd.Function):
+    """qr [B, L, Hr, dr] . landmarks[b, indices, h] / sqrt(dr) -> [B, L, Hr, K] (float32, float64 inputs stay
+    float64), -inf where indices < 0; `scores`, when given, are these already (from the selection) and only
+    the backward is needed.
+
+    With few chunks (C <= K * dr) dense matmuls over all chunks are faster and take no more memory than the
+    gathered [B, L, Hr, K, dr] landmarks; otherwise the landmarks are gathered and gradients index-added.
+    Either way a landmark that a token did not select never reaches its gradient: the dense matmul takes
+    non-finite landmarks as zeros and gives NaN gradients to the tokens that selected them.
+    """
+
+    @staticmethod
+    def forward(ctx, qr: torch.Tensor, landmarks: torch.Tensor, indices: torch.Tensor,
+                scores: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(qr, landmarks, indices)
+        C, dr = landmarks.shape[1], landmarks.shape[3]
+        dtype = torch.promote_types(qr.dtype, torch.float32)
+        if scores is not None:  # already computed by the selection
+            return scores
+        if C == 0:
+            return torch.full(indices.shape, float("-inf"), dtype=dtype, device=qr.device)
+        if C <= indices.shape[-1] * dr:
+            every = torch.einsum("blhd,bchd->blhc", qr.to(dtype), landmarks.to(dtype))
+            scores = torch.gather(every, -1, indices.clamp(min=0))
+        else:
+            scores = torch.einsum("blhd,blhkd->blhk", qr.to(dtype), _gather(landmarks, indices, dtype))
+        return divide_by_sqrt_dim(scores, dr).masked_fill(indices < 0, float("-inf"))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        qr, landmarks, indices = ctx.saved_tensors
+        B, C, Hr, dr = landmarks.shape
+        if C == 0:
+            return torch.zeros_like(qr), torch.zeros_like(landmarks), None, None
+        dtype = torch.promote_types(qr.dtype, torch.float32)
+        grad = grad.to(dtype).masked_fill(indices < 0, 0.0) / math.sqrt(dr)
+        want_qr, want_lmk = ctx.needs_input_grad[:2]
+        grad_qr = grad_lmk = None
+        if C <= indices.shape[-1] * dr:
+            every = torch.zeros(*indices.shape[:-1], C, dtype=dtype, device=qr.device)
+            every.scatter_add_(-1, indices.clamp(min=0), grad)
+            if want_qr:
+                lmk = landmarks.to(dtype)
+                finite = torch.isfinite(lmk).all(-1, keepdim=True)  # [B, C, Hr, 1]
+                grad_qr = torch.einsum("blhc,bchd->blhd", every, torch.where(finite, lmk, 0.0))
+                batch = torch.arange(B, device=qr.device).view(B, 1, 1, 1)
+                head = torch.arange(Hr, device=qr.device).view(1, 1, Hr, 1)
+                reads_bad = (~finite[..., 0][batch, indices.clamp(min=0), head] & (indices >= 0)).any(-1)
+                grad_qr = torch.where(reads_bad[..., None], float("nan"), grad_qr).to(qr.dtype)
+            if want_lmk:
+                grad_lmk = torch.einsum("blhc,blhd->bchd", every, qr.to(dtype)).to(landmarks.dtype)
+            return grad_qr, grad_lmk, None, None
+        if want_qr:
+            grad_qr = torch.einsum("blhk,blhkd->blhd", grad, _gather(landmarks, indices, dtype)).to(qr.dtype)
+        if want_lmk:
+            batch = torch.arange(B, device=qr.device).view(B, 1, 1, 1)
+            head = torch.arange(Hr, device=qr.device).view(1, 1, Hr, 1)
+            rows = (batch * C + indices.clamp(min=0)) * Hr + head  # row of landmarks.view(-1, dr)
+            contrib = grad[..., None] * qr.to(dtype)[..., None, :]  # [B, L, Hr, K, dr]
+            grad_lmk = torch.zeros(B * C * Hr, dr, dtype=dtype, device=qr.device)
+            grad_lmk.index_add_(0, rows.reshape(-1), contrib.reshape(-1, dr))
+            grad_lmk = grad_lmk.view(B, C, Hr, dr).to(landmarks.dtype)
+        return grad_qr, grad_lmk, None, None

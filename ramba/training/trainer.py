@@ -30,7 +30,8 @@ EVAL_SEED_OFFSET = 10**6
 
 def build_model(run: RunConfig, vocab: int) -> HSAHybrid:
     if run.model.checkpoint:
-        model = HSAHybrid.from_pretrained(run.model.checkpoint, **run.model.overrides)
+        # float32 master weights whatever the checkpoint was saved in (mixed precision is the accelerator's job)
+        model = HSAHybrid.from_pretrained(run.model.checkpoint, dtype=torch.float32, **run.model.overrides)
     else:
         model = HSAHybrid(HSAHybridConfig.preset(run.model.preset, **run.model.overrides))
     if model.config.vocab_size < vocab:
