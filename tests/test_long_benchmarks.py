@@ -22,13 +22,7 @@ from ramba.tokenizer import ByteTokenizer, load_tokenizer
 TOK = ByteTokenizer()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and much faster when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def text_of(sample) -> str:

@@ -26,13 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = SMALL + ["train.save_every=1", "train.eval_every=100"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train faster on one thread, and much faster when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pretrain(folder: Path, *args: str) -> Path:
