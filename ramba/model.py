@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,21 @@ class HSAOutput:
     loss: torch.Tensor | None = None
     retrieval: list[torch.Tensor] | None = None
     retrieval_weights: list[torch.Tensor] | None = None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_durably(written: Path, target: Path) -> None:
+    """Flush `written` to disk, rename it to `target` and flush the folder, so the rename survives a crash."""
+    _fsync(written)
+    os.replace(written, target)
+    _fsync(target.parent)
 
 
 Selections = list[tuple[torch.Tensor, torch.Tensor]]  # per HSA block: chunks [B, L, Hr, K], weights [B, L, Hr, K]
@@ -293,7 +309,8 @@ class HSAHybrid(nn.Module):
     # ---------------------------------------------------------------- save/load
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config.json and model.safetensors (weights only, no pickle, in their current dtypes) into
-        `directory`, creating it when needed."""
+        `directory`, creating it when needed. Each file is written under a temporary name, flushed to disk and
+        renamed, the weights first: a kill at any moment leaves no truncated file under either name."""
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
             raise NotADirectoryError(f"save_pretrained: {directory} is a file; give a directory to write "
@@ -303,8 +320,12 @@ class HSAHybrid(nn.Module):
         except (FileExistsError, NotADirectoryError) as e:
             raise NotADirectoryError(f"save_pretrained: cannot create the directory {directory}: a part of that "
                                      f"path is a file ({e.strerror})") from None
-        self.config.to_json(directory / CONFIG_FILE)
-        safetensors.torch.save_model(self, str(directory / WEIGHTS_FILE))
+        weights = directory / f".{WEIGHTS_FILE}.partial"
+        safetensors.torch.save_model(self, str(weights))
+        _replace_durably(weights, directory / WEIGHTS_FILE)
+        config = directory / f".{CONFIG_FILE}.partial"
+        self.config.to_json(config)
+        _replace_durably(config, directory / CONFIG_FILE)  # last: a config.json means its weights are complete
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",

@@ -312,3 +312,71 @@ def test_config_error_message_says_what_to_give():
     assert "bool" in str(err.value) and "'false'" in str(err.value)
     with pytest.raises(ConfigError, match="finite number > 0"):
         HSAHybridConfig(rope_theta=math.nan)
+
+
+# ------------------------------------------------------------------------------------------ fault injection
+MODEL_SAVER = """
+import sys
+import torch
+from ramba import HSAHybrid, HSAHybridConfig
+config = HSAHybridConfig.preset("tiny", vocab_size=32768, tie_embeddings=False)  # 2 x 32 MB of embeddings
+model = HSAHybrid(config)
+for version in range(1, 10**6):
+    with torch.no_grad():
+        model.lm_head.weight.fill_(version)
+    model.save_pretrained(sys.argv[1])
+    print(version, flush=True)
+"""
+
+
+def test_save_pretrained_killed_at_random_moments_leaves_a_whole_model(tmp_path):
+    """Fault injection: a process saving a model into one folder in a loop is SIGKILLed at random moments;
+    the folder always loads, with the weights of the last version reported or of the one being written."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    rng = random.Random(0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    start = time.monotonic()
+    for _ in range(4):
+        saver = subprocess.Popen([sys.executable, "-c", MODEL_SAVER, str(tmp_path)], stdout=subprocess.PIPE,
+                                 text=True, env=env)
+        first = saver.stdout.readline()  # imports done, one model written
+        assert first, "the saver died before its first save"
+        time.sleep(rng.uniform(0.0, 0.4))
+        os.kill(saver.pid, signal.SIGKILL)
+        rest, _ = saver.communicate()
+        last = int((first + rest).split()[-1])  # each saver counts its versions from 1
+        version = float(HSAHybrid.from_pretrained(tmp_path).lm_head.weight[0, 0])
+        assert version in (last, last + 1)
+        if time.monotonic() - start > 15:
+            break
+
+
+def test_save_pretrained_that_fails_midway_keeps_the_previous_model(tmp_path, monkeypatch):
+    """A save that dies while writing the weights (simulated: half a file, then an error) leaves the folder's
+    previous model whole, not a truncated file under the real name."""
+    import ramba.model
+
+    model = HSAHybrid(small_config())
+    model.save_pretrained(tmp_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def dies_midway(module, filename):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 1000)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ramba.model.safetensors.torch, "save_model", dies_midway)
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    loaded = HSAHybrid.from_pretrained(tmp_path).state_dict()
+    assert all(torch.equal(loaded[k], before[k]) for k in before)
