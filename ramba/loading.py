@@ -38,8 +38,9 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu",
     if spec.startswith("builtin:"):
         if spec not in BUILTIN:
             raise ValueError(f"unknown built-in model {spec!r}; known: {', '.join(BUILTIN)}")
-        torch.manual_seed(0)
-        model = HSAHybrid(HSAHybridConfig.preset(BUILTIN[spec]))
+        with torch.random.fork_rng(devices=[]):  # seed 0 without touching the caller's random state
+            torch.manual_seed(0)
+            model = HSAHybrid(HSAHybridConfig.preset(BUILTIN[spec]))
     else:
         try:
             model = HSAHybrid.from_pretrained(spec)
