@@ -2,7 +2,7 @@
 
 import warnings
 
-from ramba.ops.backends import AVAILABLE, FAST, installed, pick  # noqa: F401
+from ramba.ops.backends import FAST, pick, unusable  # noqa: F401
 
 warnings.warn("ramba.backends moved to ramba.ops.backends; the old path goes in the next release",
               DeprecationWarning, stacklevel=2)
