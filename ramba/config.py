@@ -15,7 +15,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "retrieval_heads": ("per_kv_head", "shared"),
     "retrieval_weights": ("softmax", "stick_breaking"),
     "hsa_residual": ("bypass", "standard"),
-    "swa_backend": ("auto", "torch", "flex", "flash"),
+    "swa_backend": ("auto", "torch", "flash", "flex", "fla"),
     "mamba_backend": ("auto", "torch", "compile", "cuda"),
     "ops_backend": ("auto", "torch", "triton"),
 }

@@ -1,32 +1,35 @@
-"""Sliding-window attention through flash-attn (CUDA, fp16/bf16); packed documents go through varlen."""
+"""Sliding-window attention through flash-attn (CUDA, fp16/bf16): version 4 (`flash_attn.cute`), 3
+(`flash_attn_interface`) or 2 (`flash_attn`), whichever imports (see `ops.backends`). Packed documents go
+through the varlen call with int32 `cu_seqlens`."""
 
 from __future__ import annotations
 
 import torch
 
+from ..backends import load
 from ..utils.index import DocIndex
 
 
 def swa_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
               docs: DocIndex | None = None) -> torch.Tensor:
-    """Same contract as `swa_reference`: q [B, L, HQ, D], k, v [B, L, H, D] -> o [B, L, HQ, D]; the documents'
-    `cu_seqlens` come from `docs`."""
-    try:
-        from flash_attn import flash_attn_func, flash_attn_varlen_func
-    except ImportError as err:
-        raise ImportError("the 'flash' sliding-window attention backend needs the package 'flash_attn': "
-                          "pip install flash-attn, or use backend 'flex' or 'torch'") from err
+    """q [B, L, HQ, D], k, v [B, M, H, D] -> o [B, L, HQ, D]: query i (key position M - L + i) sees keys j with
+    0 <= (M - L + i) - j < window. M = L is the full form (as `swa_reference`), M > L a segment after M - L
+    cached keys, all of them real (no padding). `docs` (full form only): the documents, whose `cu_seqlens`
+    go to the varlen call."""
+    flash = load("swa", "flash")
     batch, length, q_heads, head_dim = q.shape
     if length == 0:
         return torch.empty_like(q)
-    window_size = (window - 1, 0)
+    options = {"causal": True, "window_size": (window - 1, 0), "softmax_scale": head_dim ** -0.5}
     if docs is None:
-        return flash_attn_func(q, k, v, causal=True, window_size=window_size)
-    cu_seqlens, max_seqlen = docs.cu_seqlens, docs.max_seqlen
-    kv_heads = k.shape[2]
-    out = flash_attn_varlen_func(
-        q.reshape(batch * length, q_heads, head_dim),
-        k.reshape(batch * length, kv_heads, head_dim),
-        v.reshape(batch * length, kv_heads, head_dim),
-        cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True, window_size=window_size)
+        out = flash.flash_attn_func(q, k, v, **options)
+    else:
+        cu_seqlens = docs.cu_seqlens.to(torch.int32)
+        kv_heads = k.shape[2]
+        out = flash.flash_attn_varlen_func(
+            q.reshape(batch * length, q_heads, head_dim), k.reshape(batch * length, kv_heads, head_dim),
+            v.reshape(batch * length, kv_heads, head_dim), cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+            max_seqlen_q=docs.max_seqlen, max_seqlen_k=docs.max_seqlen, **options)
+    if isinstance(out, tuple):  # flash-attn 3 and 4 return (out, lse)
+        out = out[0]
     return out.reshape(batch, length, q_heads, head_dim)

@@ -15,11 +15,11 @@ from ramba.ops import DocIndex, sliding_window_attention
 @dataclass
 class SWAState:
     """Keys (after RoPE) and values of the last min(W-1, tokens seen) positions: k, v [B, n, H, D]; valid
-    bool [B, n] (False for padding)."""
+    bool [B, n] (False for padding), or None while every kept key is a real token."""
 
     k: torch.Tensor
     v: torch.Tensor
-    valid: torch.Tensor
+    valid: torch.Tensor | None = None
 
 
 class SlidingWindowAttention(nn.Module):
@@ -40,7 +40,7 @@ class SlidingWindowAttention(nn.Module):
     def allocate_inference_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> SWAState:
         """An empty state; it grows to the last W-1 keys as tokens arrive (never more than were seen)."""
         kv = torch.zeros(batch_size, 0, self.num_kv_heads, self.head_dim, device=device, dtype=dtype)
-        return SWAState(kv, kv.clone(), torch.zeros(batch_size, 0, dtype=torch.bool, device=device))
+        return SWAState(kv, kv.clone())
 
     def forward(self, x: torch.Tensor, docs: DocIndex | torch.Tensor | None = None, state: SWAState | None = None,
                 positions: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -62,9 +62,13 @@ class SlidingWindowAttention(nn.Module):
             out = sliding_window_attention(q, k, v, self.config.window, docs, backend)
         else:
             keys, values = torch.cat([state.k, k], dim=1), torch.cat([state.v, v], dim=1)
-            real = torch.ones(batch, length, dtype=torch.bool, device=x.device) if valid is None else valid
-            key_valid = torch.cat([state.valid, real], dim=1)
+            key_valid = None
+            if state.valid is not None or valid is not None:
+                kept = torch.ones_like(state.k[..., 0, 0], dtype=torch.bool) if state.valid is None else state.valid
+                real = torch.ones_like(q[..., 0, 0], dtype=torch.bool) if valid is None else valid
+                key_valid = torch.cat([kept, real], dim=1)
             out = sliding_window_attention(q, keys, values, self.config.window, backend=backend, key_valid=key_valid)
             start = max(0, keys.shape[1] - (self.config.window - 1))
-            state.k, state.v, state.valid = keys[:, start:], values[:, start:], key_valid[:, start:]
+            state.k, state.v = keys[:, start:], values[:, start:]
+            state.valid = None if key_valid is None else key_valid[:, start:]
         return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
