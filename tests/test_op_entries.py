@@ -186,3 +186,18 @@ def test_cache_made_before_a_cast_says_so():
     model.to(torch.bfloat16)
     with pytest.raises(ValueError, match="new_cache"):
         model(torch.randint(0, 50, (1, 5)), cache=cache)
+
+
+@pytest.mark.parametrize("mixer", ["swa", "mamba2"])
+def test_cache_under_autocast_matches_full_forward(mixer):
+    """A cache allocated for float32 weights takes bf16 keys under autocast: segments then one token give the
+    logits of one full pass under the same autocast."""
+    torch.manual_seed(0)
+    model = HSAHybrid(small_config(local_mixer=mixer)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 41))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(ids).logits.float()
+        cache = model.new_cache(2)
+        parts = [model(ids[:, a:b], cache=cache).logits.float() for a, b in ((0, 17), (17, 40), (40, 41))]
+    got = torch.cat(parts, dim=1)
+    assert float((got - full).norm() / full.norm()) < 2e-2

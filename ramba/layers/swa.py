@@ -61,7 +61,8 @@ class SlidingWindowAttention(nn.Module):
         if state is None:
             out = sliding_window_attention(q, k, v, self.config.window, docs, backend)
         else:
-            keys, values = torch.cat([state.k, k], dim=1), torch.cat([state.v, v], dim=1)
+            # the state takes the activations' dtype (under autocast: bf16 keys into a cache made for float32)
+            keys, values = torch.cat([state.k.to(k.dtype), k], dim=1), torch.cat([state.v.to(v.dtype), v], dim=1)
             key_valid = None
             if state.valid is not None or valid is not None:
                 kept = torch.ones_like(state.k[..., 0, 0], dtype=torch.bool) if state.valid is None else state.valid
