@@ -25,6 +25,7 @@ import importlib.util
 import logging
 import os
 import sys
+import warnings
 from types import ModuleType
 
 import torch
@@ -40,11 +41,10 @@ FAST: dict[str, list[str]] = {
     "norm": ["cuda", "compile"],
     "ops": ["triton"],
 }
-# (kind, backend) -> the modules it can call, in order of preference, each with the name ramba calls in it
+# (kind, backend) -> the modules it can call, in order of preference, each with the names ramba calls in it
+FLASH = "flash_attn_func,flash_attn_varlen_func"
 CALLS: dict[tuple[str, str], list[tuple[str, str]]] = {
-    ("swa", "flash"): [("flash_attn.cute", "flash_attn_varlen_func"),
-                       ("flash_attn_interface", "flash_attn_varlen_func"),
-                       ("flash_attn", "flash_attn_varlen_func")],
+    ("swa", "flash"): [("flash_attn.cute", FLASH), ("flash_attn_interface", FLASH), ("flash_attn", FLASH)],
     ("swa", "flex"): [("torch.nn.attention.flex_attention", "flex_attention")],
     ("swa", "fla"): [("fla.ops.attn", "parallel_attn")],
     ("ssd", "cuda"): [("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")],
@@ -75,16 +75,20 @@ def _import(module: str) -> ModuleType:
     return importlib.import_module(module)
 
 
-def _why_not(module: str, name: str) -> str | None:
+def _why_not(module: str, names: str) -> str | None:
+    """None when `module` imports and has each of the comma-separated `names`, else why not."""
     package = module.split(".")[0]
     if importlib.util.find_spec(package) is None:
         return f"needs the package {package!r}, which is not installed"
     try:
-        found = _import(module)
+        with warnings.catch_warnings():  # fla-core warns at import on machines without a GPU
+            warnings.simplefilter("ignore")
+            found = _import(module)
     except Exception as err:  # an extension built for another torch, a missing compiled part, ...
         return f"needs {module}, which is installed but does not import ({type(err).__name__}: {err})"
-    if not hasattr(found, name):
-        return f"needs {module}.{name}, which this version of {package!r} does not have"
+    missing = [name for name in names.split(",") if not hasattr(found, name)]
+    if missing:
+        return f"needs {module}.{missing[0]}, which this version of {package!r} does not have"
     return None
 
 
@@ -92,8 +96,8 @@ def _why_not(module: str, name: str) -> str | None:
 def _resolve(kind: str, backend: str) -> tuple[ModuleType | None, str | None]:
     """(the first module of CALLS[kind, backend] that works, None) or (None, why none does)."""
     reasons = []
-    for module, name in CALLS[kind, backend]:
-        reason = _why_not(module, name)
+    for module, names in CALLS[kind, backend]:
+        reason = _why_not(module, names)
         if reason is None:
             return _import(module), None
         reasons.append(reason)
@@ -187,6 +191,3 @@ def describe(device: torch.device | str | None = None) -> str:
     width = max(len(r["kind"]) + len(r["backend"]) for r in rows) + 3
     return "\n".join(f"{r['kind']}: {r['backend']}".ljust(width) + r["status"] for r in rows)
 
-
-if __name__ == "__main__":
-    print(describe())

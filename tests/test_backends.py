@@ -43,7 +43,9 @@ FLASH_ATTN_4 = {"flash_attn/__init__.py": "",
                 "flash_attn/cute/__init__.py": "def flash_attn_func(*a, **k): pass\n"
                                                "def flash_attn_varlen_func(*a, **k): return 'fa4'\n"}
 FLASH_ATTN_4_OLD = {"flash_attn/__init__.py": "", "flash_attn/cute/__init__.py": "def flash_attn_func(*a, **k): pass\n"}
-FLASH_ATTN_2 = {"flash_attn/__init__.py": "def flash_attn_varlen_func(*a, **k): return 'fa2'\n"}
+FLASH_ATTN_2 = {"flash_attn/__init__.py": "def flash_attn_func(*a, **k): pass\n"
+                                          "def flash_attn_varlen_func(*a, **k): return 'fa2'\n"}
+FLASH_ATTN_VARLEN_ONLY = {"flash_attn/__init__.py": "def flash_attn_varlen_func(*a, **k): pass\n"}
 TRITON_SSD = {"mamba_ssm/ops/__init__.py": "", "mamba_ssm/ops/triton/__init__.py": "",
               "mamba_ssm/ops/triton/ssd_combined.py": "def mamba_chunk_scan_combined(*a, **k): return 'ssd'\n"}
 MAMBA_WITHOUT_EXTENSION = {"mamba_ssm/__init__.py": "import selective_scan_cuda\n", **TRITON_SSD}
@@ -74,6 +76,11 @@ def test_a_flash_attn_without_the_varlen_function_is_not_the_flash_backend(fake_
     with pytest.raises(ImportError, match="flash_attn_varlen_func"):
         backends.pick("swa", "flash", CUDA)
     assert backends.pick("swa", "auto", CUDA) == "flex"
+
+
+def test_a_flash_attn_without_the_dense_function_is_not_the_flash_backend(fake_site):
+    write(fake_site, FLASH_ATTN_VARLEN_ONLY)
+    assert "flash_attn.flash_attn_func" in backends.unusable("swa", "flash")
 
 
 def test_mamba_ssm_without_its_extension_still_gives_its_triton_ssd(fake_site):
