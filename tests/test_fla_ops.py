@@ -32,6 +32,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 ATTN_TOL = {"rtol": 1e-4, "atol": 1e-5}
 ATTN_NORM_TOL = 5e-3  # on the GPU, relative norm error: fla's float32 dots run in tf32
+ZERO_TOL = 1e-2  # on the GPU, the largest entry where the exact result is all zeros
 CONV_TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 # the interpreter's numpy warns on the fully masked rows the kernels compute and then discard
@@ -74,12 +75,16 @@ def grads(outputs: list[torch.Tensor], inputs: list[torch.Tensor], seed: int) ->
 
 def assert_attn_close(got: torch.Tensor, want: torch.Tensor) -> None:
     """Elementwise on the CPU; on the GPU by relative norm error, since tf32 leaves absolute noise where the exact
-    gradient cancels to zero (a document's first token, which sees only itself, has dq = 0)."""
+    gradient cancels to zero (a document's first token, which sees only itself, has dq = 0), and by the largest
+    entry where every exact entry is zero (every token alone in its window)."""
     if not CUDA:
         torch.testing.assert_close(got, want, **ATTN_TOL)
         return
     assert got.shape == want.shape and got.dtype == want.dtype
-    err = (got - want).norm() / want.norm().clamp_min(1e-6)
+    if want.norm() == 0:  # dq, dk of queries that see only their own key: tf32 leaves noise near 1e-3
+        assert got.abs().max() <= ZERO_TOL, f"largest entry {got.abs().max():.2e} where all are 0"
+        return
+    err = (got - want).norm() / want.norm()
     assert err <= ATTN_NORM_TOL, f"relative norm error {err:.2e} > {ATTN_NORM_TOL:.0e}"
 
 
