@@ -3,9 +3,9 @@
 # Carry .wheels (wheels for the machine's Python: pytest, hypothesis, accelerate, pyyaml, safetensors, tqdm,
 # matplotlib, pytest-xdist and their dependencies) and .thirdparty (the baselines, see
 # benchmarks/kernels/aggregate.py); neither is committed. Outputs go to $OUT (or ./out).
-# Usage: STEPS="tests kernels training long" bash benchmarks/device_run.sh
-#   each step has its own time limit in seconds (TESTS_S, KERNELS_S, TRAINING_S, LONG_S, TRAIN_S, EVALS_S) and
-#   its own arguments (KERNELS_ARGS, TRAINING_ARGS, LONG_ARGS, TRAIN_ARGS, EVALS_ARGS).
+# Usage: STEPS="backends tests kernels mixers training long" bash benchmarks/device_run.sh
+#   each step has its own time limit in seconds (TESTS_S, KERNELS_S, MIXERS_S, TRAINING_S, LONG_S, TRAIN_S,
+#   EVALS_S) and its own arguments (KERNELS_ARGS, MIXERS_ARGS, TRAINING_ARGS, LONG_ARGS, TRAIN_ARGS, EVALS_ARGS).
 #   The step "train" runs recipes/${RECIPE:-sft}.py with TRAIN_ARGS; "evals" runs passkey, ruler and babilong
 #   on CHECKPOINT with EVALS_ARGS (and PASSKEY_ARGS, RULER_ARGS, BABILONG_ARGS) and packs their outputs into $OUT/evals.tar.gz.
 set -u
@@ -21,6 +21,13 @@ tests() {  # TESTS: the test files (default: the whole suite), in TEST_WORKERS p
     timeout -s INT -k 30 "${TESTS_S:-300}" python3 -m pytest -v -rfEs --durations=20 -p no:cacheprovider $workers \
         ${TESTS:-tests} > "$out/gpu_tests.log" 2>&1
     grep -E "FAILED|ERROR|passed|failed|Interrupted" "$out/gpu_tests.log" | tail -30
+}
+backends() {  # which backend each op takes here, and why the others are skipped
+    python3 -c "import ramba; ramba.print_backends()" 2>&1 | tee "$out/backends.txt"
+}
+mixers() {
+    timeout "${MIXERS_S:-240}" python3 -m benchmarks.mixers ${MIXERS_ARGS:-} --out "$out/mixers.md" 2>&1 \
+        | tee "$out/mixers.log" | tail -60
 }
 kernels() {
     timeout "${KERNELS_S:-200}" python3 -m benchmarks.kernels ${KERNELS_ARGS:---quick} --out "$out/kernels.md" 2>&1 \

@@ -2,7 +2,11 @@
 dense SDPA transformer of the same size, measured in one run.
 
 python -m benchmarks.training [--preset small] [--mixers swa,mamba2] [--seq-len 4096] [--batch-size 4]
-    [--steps 10] [--out benchmarks/results/training.md] [--profile]
+    [--steps 10] [--swa-backends auto] [--mamba-backends auto] [--no-dense] [--out benchmarks/results/training.md]
+    [--profile]
+
+Each mixer runs with each of its listed backends (config `swa_backend` / `mamba_backend`; "auto" takes the
+fastest that works here, see `ramba.print_backends()`); the report names the backend each op kind ran on.
 """
 
 from __future__ import annotations
@@ -16,6 +20,19 @@ import torch
 from benchmarks.common import command_line
 from benchmarks.profiling import top_ops
 from ramba import HSAHybrid, HSAHybridConfig
+from ramba.ops.backends import CUDA_ONLY, MAMBA_KINDS, load, pick
+
+PACKAGES = {"flash_attn.cute": "flash-attn 4", "flash_attn_interface": "flash-attn 3", "flash_attn": "flash-attn 2",
+            "causal_conv1d": "causal-conv1d"}
+
+
+def ran_on(kind: str, backend: str) -> str:
+    """What `backend` of op `kind` runs on CUDA: the package for package backends, else the backend's name."""
+    choice = pick(kind, backend, torch.device("cuda"))
+    if choice not in CUDA_ONLY:
+        return choice
+    module = load(kind, choice).__name__
+    return PACKAGES.get(module, module.split(".")[0])
 from ramba.dense import DenseTransformer
 from ramba.training.optim import build_optimizer, train_step
 
@@ -60,6 +77,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--swa-backends", default="auto", help="comma-separated swa_backend values to run the SWA models with")
+    p.add_argument("--mamba-backends", default="auto",
+                   help="comma-separated mamba_backend values to run the Mamba2 models with")
+    p.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure a dense SDPA transformer of the same size")
     p.add_argument("--out")
     p.add_argument("--profile", action="store_true", help="print the top GPU ops of each model's step")
     args = p.parse_args(argv)
@@ -67,20 +89,27 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("benchmarks.training measures GPU training and needs a CUDA GPU")
     rows = []
     for mixer in args.mixers.split(","):
-        for use_hsa in (True, False):
-            config = HSAHybridConfig.preset(args.preset, local_mixer=mixer, use_hsa=use_hsa)
-            name = f"{args.preset} {mixer}" + ("" if use_hsa else " mixer-only")
-            rows.append(measure(name, HSAHybrid(config), args.batch_size, args.seq_len, args.steps, args.profile))
-            r = rows[-1]
-            print(f"{name}: {r['step_ms']:.1f} ms per step, {r['tokens_per_s']:,.0f} tokens/s, "
-                  f"peak {r['peak_gib']:.1f} GiB", flush=True)
-            torch.cuda.empty_cache()
-    dense = DenseTransformer(HSAHybridConfig.preset(args.preset))
-    rows.append(measure(f"{args.preset} dense SDPA", dense, args.batch_size, args.seq_len, args.steps, args.profile))
+        field = "swa_backend" if mixer == "swa" else "mamba_backend"
+        kinds = ["swa"] if mixer == "swa" else list(MAMBA_KINDS)
+        for backend in (args.swa_backends if mixer == "swa" else args.mamba_backends).split(","):
+            label = "/".join(ran_on(kind, backend) for kind in kinds)
+            for use_hsa in (True, False):
+                config = HSAHybridConfig.preset(args.preset, local_mixer=mixer, use_hsa=use_hsa, **{field: backend})
+                name = f"{args.preset} {mixer}" + ("" if use_hsa else " mixer-only") + f" ({label})"
+                rows.append(measure(name, HSAHybrid(config), args.batch_size, args.seq_len, args.steps, args.profile))
+                r = rows[-1]
+                print(f"{name}: {r['step_ms']:.1f} ms per step, {r['tokens_per_s']:,.0f} tokens/s, "
+                      f"peak {r['peak_gib']:.1f} GiB", flush=True)
+                torch.cuda.empty_cache()
+    if args.dense:
+        dense = DenseTransformer(HSAHybridConfig.preset(args.preset))
+        rows.append(measure(f"{args.preset} dense SDPA", dense, args.batch_size, args.seq_len, args.steps,
+                            args.profile))
     by_name = {r["model"]: r for r in rows}
     lines = ["| model | params (M) | step ms | tokens/s | vs mixer-only | peak GiB |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        base = by_name.get(r["model"] + " mixer-only")
+        name, _, backend = r["model"].partition(" (")
+        base = by_name.get(f"{name} mixer-only ({backend}" if backend else f"{name} mixer-only")
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-"
         lines.append(f"| {r['model']} | {r['params_m']:.0f} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {ratio} | "
                      f"{r['peak_gib']:.1f} |")
@@ -90,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         props = torch.cuda.get_device_properties(0)
         with open(args.out, "w") as f:
             f.write(f"# Training throughput\n\n`{command_line('training', argv)}`\n\n{props.name}, torch "
-                    f"{torch.__version__}, bf16 autocast, AdamW, batch {args.batch_size} x {args.seq_len} tokens\n\n"
+                    f"{torch.__version__}, bf16 autocast, AdamW, batch {args.batch_size} x {args.seq_len} tokens; "
+                    "in brackets the backend of each op kind (swa; or Mamba2's ssd/conv/norm)\n\n"
                     f"{table}\n")
 
 
