@@ -67,7 +67,9 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """
     docs = as_doc_index(doc_ids)
     check_inputs(q, k, v, window, docs, key_valid)
-    window = min(window, max(1, k.shape[1]))  # a longer window sees the same keys, without the cost
+    # a longer window sees the same keys, without the cost; rounded up to a power of two so that kernels that
+    # compile per window (fla) meet few distinct ones
+    window = min(window, 1 << (max(1, k.shape[1]) - 1).bit_length())
     choice = pick("swa", backend, q.device)
     if choice == "flash" and q.dtype not in (torch.float16, torch.bfloat16):
         if backend != "auto":

@@ -29,8 +29,9 @@ def swa_fla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
     if batch * length == 0:
         return torch.empty_like(q)
     scale = head_dim ** -0.5
-    # a longer window sees the same keys; the clip also keeps the kernel's index arithmetic far from overflow
-    window = min(window, length)
+    # a longer window sees the same keys; the clip (to a power of two: fla compiles one kernel per window)
+    # also keeps the kernel's index arithmetic far from overflow
+    window = min(window, 1 << (length - 1).bit_length())
     if docs is None:
         return parallel_attn(q, k, v, scale=scale, window_size=window)
     kv_heads = k.shape[2]
