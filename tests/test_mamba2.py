@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
@@ -12,10 +11,11 @@ from hypothesis import strategies as st
 
 from ramba.config import HSAHybridConfig
 from ramba.layers.mamba2 import GatedRMSNorm, Mamba2
+from ramba.ops.backends import MAMBA_KINDS, unusable
 from ramba.ops.ssd import causal_conv1d, causal_conv1d_ref, ssd_scan
 from ramba.ops.utils import starts_from_ids as doc_starts
 
-HAS_CUDA_PATH = torch.cuda.is_available() and importlib.util.find_spec("mamba_ssm") is not None
+HAS_CUDA_PATH = torch.cuda.is_available() and all(unusable(kind, "cuda") is None for kind in MAMBA_KINDS)
 
 
 def make_config(**overrides) -> HSAHybridConfig:

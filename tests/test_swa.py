@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
@@ -12,11 +11,12 @@ from hypothesis import strategies as st
 
 from ramba.config import HSAHybridConfig
 from ramba.layers.swa import SlidingWindowAttention
+from ramba.ops.backends import unusable
 from ramba.ops.swa import (sliding_window_attention, swa_cached_blocked, swa_cached_reference, swa_flash, swa_flex,
                            swa_reference)
 from ramba.ops.utils import DocIndex
 
-HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
+HAS_FLASH = unusable("swa", "flash") is None
 
 
 def dense_swa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
