@@ -11,5 +11,5 @@ __version__ = "0.1.0"
 
 def print_backends(device: str | None = None) -> None:
     """Print, for each op kind, the backend "auto" uses on `device` (default: CUDA when available, else CPU)
-    and why each other one is not used. Same as `python -m ramba.ops.backends`."""
+    and why each other one is not used."""
     print(describe(device))
