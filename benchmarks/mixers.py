@@ -158,7 +158,7 @@ MAMBA_ROWS: list[tuple[str, str, str, Callable[..., Runner]]] = [  # (op, backen
 def conv_package_reason(backend: str) -> str | None:
     module = {"causal-conv1d": ("causal_conv1d", "causal_conv1d_fn"), "fla": ("fla.modules.causal_conv1d",
                                                                                "causal_conv1d")}[backend]
-    reason = backends._why_not(*module)
+    reason = backends.module_unusable(*module)
     return None if reason is None else "n/a: " + reason.removeprefix("needs ")
 
 

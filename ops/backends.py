@@ -75,7 +75,7 @@ def _import(module: str) -> ModuleType:
     return importlib.import_module(module)
 
 
-def _why_not(module: str, names: str) -> str | None:
+def module_unusable(module: str, names: str) -> str | None:
     """None when `module` imports and has each of the comma-separated `names`, else why not."""
     package = module.split(".")[0]
     if importlib.util.find_spec(package) is None:
@@ -97,7 +97,7 @@ def _resolve(kind: str, backend: str) -> tuple[ModuleType | None, str | None]:
     """(the first module of CALLS[kind, backend] that works, None) or (None, why none does)."""
     reasons = []
     for module, names in CALLS[kind, backend]:
-        reason = _why_not(module, names)
+        reason = module_unusable(module, names)
         if reason is None:
             return _import(module), None
         reasons.append(reason)

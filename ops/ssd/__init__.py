@@ -19,8 +19,8 @@ from ..utils.index import DocIndex, seq_idx_from_starts
 from .compiled import causal_conv1d_compiled, gated_rms_norm_compiled, ssd_scan_compiled
 from .cuda import causal_conv1d_cuda, gated_rms_norm_cuda, ssd_scan_cuda, ssd_step_cuda
 from .fla import causal_conv1d_fla
-from .naive import (causal_conv1d_ref, check_conv_inputs, check_scan_inputs, gated_rms_norm_ref, ssd_scan_ref,
-                    ssd_step)
+from .naive import (causal_conv1d_ref, check_conv_inputs, check_scan_inputs, conv_with_history, gated_rms_norm_ref,
+                    ssd_scan_ref, ssd_step)
 
 __all__ = ["causal_conv1d", "causal_conv1d_ref", "gated_rms_norm", "gated_rms_norm_ref", "ssd_scan", "ssd_scan_ref",
            "ssd_step"]
@@ -98,11 +98,8 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, seq_sta
                                   return_final_state=return_final_state)
     if not cached:
         return (causal_conv1d_compiled if choice == "compile" else causal_conv1d_ref)(x, weight, bias, starts)
-    keep = weight.shape[1] - 1
-    history = x if initial_state is None else torch.cat([initial_state.to(x.dtype), x], dim=1)
     conv = causal_conv1d_compiled if choice == "compile" and x.shape[1] > 1 else causal_conv1d_ref
-    out = conv(history, weight, bias)[:, history.shape[1] - x.shape[1]:]
-    return (out, history[:, max(0, history.shape[1] - keep):]) if return_final_state else out
+    return conv_with_history(lambda h: conv(h, weight, bias), x, weight.shape[1], initial_state, return_final_state)
 
 
 def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, group_size: int, eps: float,

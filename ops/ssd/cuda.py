@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..backends import load
-from .naive import causal_conv1d_ref
+from .naive import causal_conv1d_ref, conv_with_history
 
 
 def _require_cuda(op: str, *tensors: Tensor) -> None:
@@ -73,8 +73,11 @@ def causal_conv1d_cuda(x: Tensor, weight: Tensor, bias: Tensor | None = None, se
     c, k = weight.shape
     b, l, _ = x.shape
     short = return_final_state and initial_state is None and l < k - 1  # the reference keeps fewer than k-1
-    if not (2 <= k <= 4 and c % 8 == 0 and l > 0) or short:
-        return _conv_reference(x, weight, bias, seq_start, initial_state, return_final_state)
+    if not (2 <= k <= 4 and c % 8 == 0 and l > 0) or short:  # the reference
+        if initial_state is None and not return_final_state:
+            return causal_conv1d_ref(x, weight, bias, seq_start)
+        return conv_with_history(lambda h: causal_conv1d_ref(h, weight, bias), x, k, initial_state,
+                                 return_final_state)
     _require_cuda("causal_conv1d_cuda", x, weight)
     if bias is not None:
         bias = bias.to(weight.dtype)
@@ -86,17 +89,6 @@ def causal_conv1d_cuda(x: Tensor, weight: Tensor, bias: Tensor | None = None, se
     if return_final_state:
         return out[0].transpose(1, 2), out[1].transpose(1, 2)
     return out.transpose(1, 2)
-
-
-def _conv_reference(x: Tensor, weight: Tensor, bias: Tensor | None, seq_start: Tensor | None,
-                    initial_state: Tensor | None, return_final_state: bool) -> Tensor | tuple[Tensor, Tensor]:
-    """The reference conv in the full or cached form (no documents in the cached form)."""
-    keep = weight.shape[1] - 1
-    if initial_state is None and not return_final_state:
-        return causal_conv1d_ref(x, weight, bias, seq_start)
-    history = x if initial_state is None else torch.cat([initial_state.to(x.dtype), x], dim=1)
-    out = causal_conv1d_ref(history, weight, bias)[:, history.shape[1] - x.shape[1]:]
-    return (out, history[:, max(0, history.shape[1] - keep):]) if return_final_state else out
 
 
 def gated_rms_norm_cuda(y: Tensor, z: Tensor, weight: Tensor, group_size: int, eps: float) -> Tensor:

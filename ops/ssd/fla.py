@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..utils.index import DocIndex
-from .naive import check_conv_inputs
+from .naive import check_conv_inputs, conv_with_history
 
 
 def causal_conv1d_fla(x: Tensor, weight: Tensor, bias: Tensor | None = None, docs: DocIndex | None = None, *,
@@ -47,10 +47,8 @@ def causal_conv1d_fla(x: Tensor, weight: Tensor, bias: Tensor | None = None, doc
         return out.reshape(b, l, c)
     # the cached form runs on the inputs before x and x together, as the reference does: fla's own conv state
     # would save this copy of x, but its initial-state backward cannot run in Triton's interpreter (CI)
-    history = x if initial_state is None else torch.cat([initial_state.to(x.dtype), x], dim=1)
-    if history.shape[0] * history.shape[1] == 0:
-        out = x.new_zeros(b, l, c)
-    else:
-        out, _ = fla_causal_conv1d(history, weight, bias)
-        out = out[:, history.shape[1] - l:]
-    return (out, history[:, max(0, history.shape[1] - keep):]) if return_final_state else out
+    def conv(history: Tensor) -> Tensor:
+        return fla_causal_conv1d(history, weight, bias)[0] if history.shape[0] * history.shape[1] else \
+            torch.zeros_like(history)
+
+    return conv_with_history(conv, x, k, initial_state, return_final_state)

@@ -7,6 +7,8 @@ with the state reset to zero before every token where `seq_start` is True.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -184,6 +186,16 @@ def causal_conv1d_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None,
             tap = tap * (offset >= j)
         out = out + tap
     return out.to(x.dtype)
+
+
+def conv_with_history(conv: Callable[[Tensor], Tensor], x: Tensor, width: int, initial_state: Tensor | None,
+                      return_final_state: bool) -> Tensor | tuple[Tensor, Tensor]:
+    """The cached form of a causal conv of `width` taps, run as `conv` ([b, n, c] -> [b, n, c]) over the cached
+    inputs initial_state [b, width-1, c] (if any) and x [b, l, c] together: the outputs of x's positions, and
+    with return_final_state the last min(width-1, inputs seen) inputs for the next call."""
+    history = x if initial_state is None else torch.cat([initial_state.to(x.dtype), x], dim=1)
+    out = conv(history)[:, history.shape[1] - x.shape[1]:]
+    return (out, history[:, max(0, history.shape[1] - (width - 1)):]) if return_final_state else out
 
 
 def gated_rms_norm_ref(y: Tensor, z: Tensor, weight: Tensor, group_size: int, eps: float) -> Tensor:
