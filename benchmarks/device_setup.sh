@@ -3,6 +3,8 @@
 # pytest, hypothesis, accelerate, pyyaml, safetensors, tqdm, matplotlib, pytest-xdist and their dependencies,
 # built for the machine's Python) and this repository, then says what it runs on.
 export PYTHONUNBUFFERED=1
+# Triton autotuning results kept on disk: each later process (tests, benchmarks) on the machine skips the search
+export TRITON_CACHE_AUTOTUNING=1
 # wheel archives made by the workplace's pack-wheels.sh (flash-attn 4; scripts/build_gpu_wheels.sh's kernels)
 for archive in .wheels/*.tar.xz; do
     [ -e "$archive" ] && [ ! -e "/tmp/site/.$(basename "$archive")" ] || continue
