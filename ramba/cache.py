@@ -6,6 +6,7 @@ as a sequence of segments of any size and decoding runs one token at a time (DES
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -37,6 +38,26 @@ class HSACache:
         # hidden states [B, R, d], whether each is a real token [B, R], and their positions [B, R]
         self.context: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.upper_stale = False
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep rows `index` [B'] (int, any order, repeats allowed) of every row-wise tensor, in place: the cache
+        then continues those rows, as beam search needs after each step (row b' takes row index[b'])."""
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        if index.numel() == 0:
+            raise ValueError("select_rows needs at least one row index")
+        if int(index.min()) < 0 or int(index.max()) >= self.batch_size:
+            raise ValueError(f"select_rows: row indices must lie in [0, {self.batch_size}), got "
+                             f"[{int(index.min())}, {int(index.max())}]")
+        self.lengths, self.pending, self.pending_len = (_rows(t, index) for t in
+                                                        (self.lengths, self.pending, self.pending_len))
+        self.states = [_rows(state, index) for state in self.states]
+        self.context = _rows(self.context, index)
+        store = self.store
+        store.count, store.landmarks = _rows(store.count, index), _rows(store.landmarks, index)
+        store.k, store.v = _rows(store.k, index), _rows(store.v, index)
+        if store.offload and store.k.device.type == "cpu" and torch.cuda.is_available():
+            store.k, store.v = store.k.pin_memory(), store.v.pin_memory()
+        self.batch_size = index.numel()
 
     @property
     def started(self) -> bool:
@@ -91,3 +112,19 @@ class HSACache:
         self.pending = torch.gather(compact, 1, rest.clamp(max=compact.shape[1] - 1)[..., None].expand(B, S, h.shape[2]))
         self.pending_len = total - completed * S
         return compact[:, :q * S], completed
+
+
+def _rows(value: Any, index: torch.Tensor) -> Any:
+    """`value` with rows `index` of each tensor in it (a tensor, a tuple, a mixer state dataclass, updated in
+    place, or None)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, index.to(value.device))
+    if isinstance(value, tuple):
+        return tuple(_rows(v, index) for v in value)
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            setattr(value, f.name, _rows(getattr(value, f.name), index))
+        return value
+    raise TypeError(f"cannot select rows of a {type(value).__name__} in the cache")

@@ -91,6 +91,33 @@ def test_left_padded_batch_equals_rows_alone(mixer):
     assert torch.allclose(first[1, 33:], ref_b[0, :37], atol=1e-9) and torch.allclose(step[1], ref_b[0, 37:], atol=1e-9)
 
 
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("mixer", MIXERS, ids=str)
+@settings(max_examples=4, deadline=None)
+@given(lengths=st.lists(st.integers(1, 90), min_size=3, max_size=3), rows=st.lists(st.integers(0, 2), min_size=1,
+       max_size=4), seed=st.integers(0, 2**31 - 1))
+def test_select_rows_continues_the_chosen_rows(mixer, offload, lengths, rows, seed):
+    """After select_rows, each kept row decodes as that row's prompt alone does (left padding included)."""
+    model = model_for(mixer)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 50, (n,), generator=g) for n in lengths]
+    width = max(lengths)
+    batch = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
+    mask = torch.stack([torch.arange(width) >= width - len(p) for p in prompts]).long()
+    nxt = torch.randint(0, 50, (len(rows), 3), generator=g)
+    with torch.no_grad():
+        cache = model.new_cache(3, offload=offload)
+        model(batch, attention_mask=mask, cache=cache)
+        cache.select_rows(torch.tensor(rows))
+        steps = torch.cat([model(nxt[:, t:t + 1], cache=cache).logits for t in range(3)], dim=1)
+        for r, row in enumerate(rows):
+            alone = model(torch.cat([prompts[row], nxt[r]])[None]).logits[0, -3:]
+            assert torch.allclose(steps[r], alone, atol=1e-9)
+    assert cache.batch_size == len(rows) and cache.lengths.tolist() == [lengths[r] + 3 for r in rows]
+    with pytest.raises(ValueError, match="row indices"):
+        cache.select_rows(torch.tensor([len(rows)]))
+
+
 def test_generate_greedy_matches_full_forward_argmax():
     torch.manual_seed(2)
     model = HSAHybrid(small_config(local_mixer=["mamba2", "swa", "swa"])).eval()
