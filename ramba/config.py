@@ -31,6 +31,17 @@ POSITIVE_FLOATS = ("rope_theta", "norm_eps")
 NON_NEGATIVE_FLOATS = ("gumbel_noise", "initializer_range")
 
 
+MODEL_TYPE = "ramba"  # config.json's model type, as transformers' AutoConfig reads it
+# keys that transformers writes into a config.json beside the model's fields (ramba.integrations.hf): read
+# and dropped, so that a folder saved through either API loads through both
+TRANSFORMERS_KEYS = frozenset({
+    "model_type", "architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path", "auto_map",
+    "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "tie_word_embeddings", "return_dict",
+    "output_hidden_states", "output_attentions", "chunk_size_feed_forward", "is_encoder_decoder", "id2label",
+    "label2id", "problem_type",
+})
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -195,7 +206,7 @@ class HSAHybridConfig:
         return dataclasses.asdict(self)
 
     def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        text = json.dumps({"model_type": MODEL_TYPE, **self.to_dict()}, indent=2, sort_keys=True)
         if path is not None:
             Path(path).write_text(text + "\n")
         return text
@@ -205,6 +216,11 @@ class HSAHybridConfig:
         if not isinstance(data, dict):
             raise TypeError(f"HSAHybridConfig.from_dict needs a mapping of field names to values, got "
                             f"{type(data).__name__}")
+        model_type = data.get("model_type", MODEL_TYPE)
+        if model_type != MODEL_TYPE:
+            raise ConfigError("model_type", f"this is a {model_type!r} model's config, not a ramba model's "
+                              f"({MODEL_TYPE!r}): load it with the library that made it")
+        data = {k: v for k, v in data.items() if k not in TRANSFORMERS_KEYS}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

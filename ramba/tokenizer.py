@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+BYTE_TOKENIZER_CLASS = "RambaByteTokenizer"  # tokenizer_config.json's class of ByteTokenizer (ramba.integrations.hf)
 
 
 class Tokenizer(Protocol):
@@ -168,13 +169,26 @@ def load_hf_tokenizer(spec: str) -> HFTokenizer:
         raise ValueError(f"could not load a tokenizer from {spec!r}: {err}") from err
 
 
+def _tokenizer_class(folder: Path) -> str | None:
+    """tokenizer_config.json's tokenizer_class in `folder`, if it names one."""
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("tokenizer_class")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
 def load_tokenizer(spec: str | None = None, checkpoint: str | Path | None = None) -> Tokenizer:
     """"byte": ByteTokenizer; a Hugging Face name or local path: HFTokenizer; None: the checkpoint's own
-    tokenizer files if it has any, else ByteTokenizer."""
+    tokenizer files if it has any (ByteTokenizer for RambaByteTokenizer's files), else ByteTokenizer."""
     if spec == "byte":
         return ByteTokenizer()
     if spec is not None:
         return load_hf_tokenizer(spec)
     if checkpoint is not None and any((Path(checkpoint) / f).is_file() for f in TOKENIZER_FILES):
+        if _tokenizer_class(Path(checkpoint)) == BYTE_TOKENIZER_CLASS:
+            return ByteTokenizer()
         return load_hf_tokenizer(str(checkpoint))
     return ByteTokenizer()
