@@ -200,3 +200,18 @@ def test_bad_input_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(hf, "version", lambda name: "4.57.0")
     with pytest.raises(ImportError, match=r"transformers>=5\.25\.0.*found 4\.57\.0"):
         hf._check_transformers()
+
+
+def test_training_mode_and_activation_checkpointing_reach_the_hybrid():
+    wrapped = hf.RambaForCausalLM.from_hybrid(tiny("mamba2", seed=4)).train()
+    ids = random_ids(10, (2, 50))
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    plain = wrapped.embed.weight.grad.clone()
+    wrapped.zero_grad()
+    wrapped.activation_checkpointing_enable()
+    assert wrapped.hybrid.gradient_checkpointing and wrapped.hybrid.training
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    assert torch.allclose(wrapped.embed.weight.grad, plain, atol=1e-6)
+    wrapped.activation_checkpointing_disable()
+    assert not wrapped.hybrid.gradient_checkpointing
+    assert not wrapped.eval().hybrid.training

@@ -130,8 +130,17 @@ class RambaForCausalLM(PreTrainedModel, GenerationMixin):
         self.hybrid.training = mode
         return self
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Any = None) -> None:
-        self.hybrid.gradient_checkpointing = enable
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """HSAHybrid's own switch (recompute each block in the backward pass); transformers'
+        gradient_checkpointing_enable / activation_checkpointing_enable set it."""
+        hybrid = self.__dict__.get("hybrid")
+        return bool(hybrid is not None and hybrid.gradient_checkpointing)
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:
+        if "hybrid" in self.__dict__:
+            self.hybrid.gradient_checkpointing = enable
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.embed
