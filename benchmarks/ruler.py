@@ -1,7 +1,8 @@
 r"""RULER-style synthetic tasks, generated locally from a seed, and prepared RULER jsonl files (QA tasks).
 
 python -m benchmarks.ruler --checkpoint DIR --lengths 4k,64k,1m [--tasks niah_single_1,vt,...] \
-    [--depths 0,0.5,1] [--data qa_1.jsonl[@4k] ...] [--samples N] [--out DIR] [--segment 4096] [--device cuda]
+    [--depths 0,0.5,1] [--haystack text:PATH] [--data qa_1.jsonl[@4k] ...] [--samples N] [--out DIR] \
+    [--segment 4096] [--device cuda]
 
 Tasks (ramba.data.tasks.ruler; prompts exactly the asked length in tokens): needles in a haystack
 (niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery), vt (variable tracking), cwe and fwe
@@ -11,7 +12,9 @@ Scoring as RULER: a sample scores the fraction of its references found in the ou
 except QA tasks, which score 1 if any reference is found. `--data` runs RULER-format jsonl files prepared
 elsewhere (fields `input`, `outputs`, optional `answer_prefix` and `length`): the task is the file name (or
 its folder's, for validation.jsonl), the length the next power of two of the records' `length`, or `@LENGTH`.
-Without --tasks, all synthetic tasks run unless --data is given.
+Without --tasks, all synthetic tasks run unless --data is given. `--haystack` replaces the noise or essay
+haystack of the niah tasks (not the distractor-needle haystacks of niah_multikey_2/_3, nor vt, cwe, fwe):
+`text:PATH` puts the needles in the sentences of a corpus file, such as a held-out validation.jsonl.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from pathlib import Path
 
 from benchmarks.common import BenchmarkError, parse_depths, parse_lengths
 from benchmarks.runner import add_common_args, main_guard, run
-from ramba.data.tasks import Key, Sample, encode_prompt, make_sample as task_sample
-from ramba.data.tasks.ruler import NIAH, TASKS, answer_budget, match_all, match_part
+from ramba.data.tasks import Key, Sample, check_haystack, encode_prompt, make_sample as task_sample, sample_rng
+from ramba.data.tasks.ruler import NIAH, TASKS, answer_budget, match_all, match_part, niah
 from ramba.tokenizer import Tokenizer
 
 
@@ -103,13 +106,16 @@ def parse_tasks(text: str) -> list[str]:
     return names
 
 
-def make_sample(key: Key, tokenizer: Tokenizer, seed: int = 0, files: dict[tuple[str, int], FileTask] | None = None
-                ) -> Sample:
-    """A synthetic task's sample for (seed, key), or the key's record of a loaded file."""
+def make_sample(key: Key, tokenizer: Tokenizer, seed: int = 0, files: dict[tuple[str, int], FileTask] | None = None,
+                haystack: str | None = None) -> Sample:
+    """A synthetic task's sample for (seed, key), or the key's record of a loaded file; `haystack` replaces the
+    noise or essay haystack of niah tasks."""
     if files and (key.task, key.length) in files:
         return _file_sample(files[key.task, key.length], key.index, tokenizer)
     if key.task not in TASKS:
         raise BenchmarkError(f"unknown RULER task {key.task!r}; known: {', '.join(TASKS)}")
+    if haystack is not None and key.task in NIAH:
+        return niah(key.task, sample_rng(seed, key), tokenizer, key.length, key.depth, haystack)
     return task_sample(key, tokenizer, seed)
 
 
@@ -129,6 +135,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--depths", help="place the asked needle of niah tasks at these depths (default: random)")
     parser.add_argument("--data", action="append", default=[], metavar="PATH[@LENGTH]",
                         help="a RULER-format jsonl file to run (repeatable)")
+    parser.add_argument("--haystack", help="noise, essay or text:PATH (sentences of a corpus .jsonl or .txt): the "
+                                           "haystack of the niah tasks (default: each task's own)")
     args = parser.parse_args(argv)
 
     def go() -> str:
@@ -139,9 +147,12 @@ def main(argv: list[str] | None = None) -> str:
             if task.name in tasks or (task.name, task.length) in files:
                 raise BenchmarkError(f"task {task.name!r} at length {task.length} is given twice")
             files[task.name, task.length] = task
+        if args.haystack is not None:
+            check_haystack(args.haystack)
         depths = parse_depths(args.depths) if args.depths else None
         todo = keys(tasks, parse_lengths(args.lengths), depths, args.samples, files)
-        return run(args, "RULER", todo, lambda key, tok: make_sample(key, tok, args.seed, files), score, {})
+        return run(args, "RULER", todo, lambda key, tok: make_sample(key, tok, args.seed, files, args.haystack),
+                   score, {"haystack": args.haystack} if args.haystack else {})
 
     return main_guard(go)
 

@@ -26,7 +26,8 @@ from collections.abc import Callable
 from ramba.tokenizer import Tokenizer
 
 from . import babilong, filler, kv, passkey, ruler
-from .prompt import HAYSTACKS, Key, Prompt, Sample, TaskError, TaskFn, build_prompt, encode_prompt, sample_rng
+from .prompt import (HAYSTACKS, Key, Prompt, Sample, TaskError, TaskFn, build_prompt, check_haystack, encode_prompt,
+                     sample_rng)
 
 TASKS: dict[str, TaskFn] = {"passkey": passkey.sample, **ruler.TASKS, **babilong.TASKS}
 SCORES: dict[str, Callable[[str, list[str]], float]] = {
@@ -54,4 +55,4 @@ def score(task: str, output: str, references: list[str]) -> float:
 
 
 __all__ = ["HAYSTACKS", "SCORES", "TASKS", "Key", "Prompt", "Sample", "TaskError", "TaskFn", "build_prompt",
-           "encode_prompt", "make_sample", "sample_rng", "score"]
+           "check_haystack", "encode_prompt", "make_sample", "sample_rng", "score"]

@@ -15,7 +15,8 @@ QUESTION = "What is the pass key? The pass key is"
 
 def sample(rng: random.Random, tokenizer: Tokenizer, length: int, depth: float | None = None,
            haystack: str = "noise") -> Sample:
-    """`length` tokens: a `haystack` ("noise" or "essay"), the needle at `depth` (random if None), the question."""
+    """`length` tokens: a `haystack` ("noise", "essay" or "text:PATH", see haystack_units), the needle at `depth`
+    (random if None), the question."""
     if depth is None:
         depth = rng.random()
     digits = rng.randint(5, 7)

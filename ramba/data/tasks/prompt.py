@@ -6,10 +6,14 @@ Everything draws from a `random.Random`; `sample_rng` derives one per sample fro
 from __future__ import annotations
 
 import bisect
+import functools
+import json
 import random
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, count, cycle, islice
+from pathlib import Path
 
 import torch
 
@@ -19,7 +23,9 @@ from .filler import sentences
 
 NOISE = ("The sky is clear and the sea is calm.", "The fields are green.", "A boat drifts past the old pier.",
          "Nothing much happens here.", "Then it all starts over.")
-HAYSTACKS = ("noise", "essay")
+HAYSTACKS = ("noise", "essay")  # plus "text:PATH", sentences of a corpus file (see haystack_units)
+TEXT_PREFIX = "text:"
+MAX_UNIT_CHARS = 600  # longer sentences (tables, code) are left out of a text haystack
 
 
 class TaskError(ValueError):
@@ -131,13 +137,69 @@ def build_prompt(tokenizer: Tokenizer, length: int, head: str, units: Iterator[s
     return Prompt(torch.cat(parts), offsets, ends, whole)
 
 
+def _split_sentences(text: str) -> Iterator[str]:
+    """Sentences of `text`, paragraph by paragraph, whitespace collapsed."""
+    for paragraph in re.split(r"\n\s*\n", text):
+        for sentence in re.split(r"(?<=[.!?])\s+", paragraph):
+            sentence = " ".join(sentence.split())
+            if sentence:
+                yield sentence
+
+
+@functools.lru_cache(maxsize=4)
+def _corpus_units(path: str, mtime_ns: int) -> tuple[str, ...]:
+    """The haystack units of a corpus file (cached per path and modification time)."""
+    source = Path(path)
+    if source.suffix in (".jsonl", ".json"):
+        texts = []
+        with source.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise TaskError(f"haystack {TEXT_PREFIX}{path}, line {n}, is not JSON: {err}") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise TaskError(f"haystack {TEXT_PREFIX}{path}, line {n}: a record needs a \"text\" string")
+                texts.append(record["text"])
+    else:
+        texts = [source.read_text(encoding="utf-8", errors="replace")]
+    units = tuple(" " + s for text in texts for s in _split_sentences(text)
+                  if len(s) <= MAX_UNIT_CHARS and not any(c.isdigit() for c in s))
+    if not units:
+        raise TaskError(f"haystack {TEXT_PREFIX}{path}: no usable sentences (sentences with digits are left out)")
+    return units
+
+
+def check_haystack(kind: str) -> str:
+    """`kind` if it names a haystack: noise, essay or text:PATH with PATH an existing .jsonl (a "text" field per
+    line) or text file; otherwise a TaskError that says why."""
+    if kind in HAYSTACKS:
+        return kind
+    if kind.startswith(TEXT_PREFIX):
+        path = Path(kind[len(TEXT_PREFIX):])
+        if not path.is_file():
+            raise TaskError(f"haystack {kind!r}: no such file {str(path)!r} (give text:PATH with PATH a .jsonl "
+                            "file with a \"text\" field per line, such as a corpus validation.jsonl, or a .txt file)")
+        return kind
+    raise TaskError(f"unknown haystack {kind!r}; choose one of {', '.join(HAYSTACKS)} or {TEXT_PREFIX}PATH")
+
+
 def haystack_units(kind: str, rng: random.Random) -> Iterator[str]:
     """Haystack text, unit by unit (each with a leading space): `noise`, one short passage repeated, or `essay`,
     English-like filler sentences (`filler.sentences`, 120 characters at a time) drawn from a generator seeded
-    by `rng`, one sentence per unit so that facts land at sentence boundaries."""
+    by `rng`, one sentence per unit so that facts land at sentence boundaries, or `text:PATH`, the sentences
+    of a corpus file (a .jsonl with a "text" field per line, or plain text) in order from a start drawn from
+    `rng`, cycling at the end; sentences that hold digits (so numbers in a prompt stay facts) or more than
+    MAX_UNIT_CHARS characters are left out."""
     if kind == "noise":
         return (" " + sentence for sentence in cycle(NOISE))
     if kind == "essay":
         child = random.Random(rng.getrandbits(64))
         return (" " + sentence for _ in count() for sentence in sentences(child, 120))
-    raise TaskError(f"unknown haystack {kind!r}; choose one of {', '.join(HAYSTACKS)}")
+    check_haystack(kind)
+    path = Path(kind[len(TEXT_PREFIX):])
+    units = _corpus_units(str(path.resolve()), path.stat().st_mtime_ns)
+    start = rng.randrange(len(units))
+    return (units[i % len(units)] for i in count(start))

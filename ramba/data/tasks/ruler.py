@@ -111,9 +111,11 @@ def _distractors(spec: Niah, rng: random.Random, exclude: set[str]) -> Iterator[
             yield f" One hidden {spec.value_kind} for {key} is {_draw(spec.value_kind, child)}."
 
 
-def niah(task: str, rng: random.Random, tokenizer: Tokenizer, length: int, depth: float | None = None) -> Sample:
+def niah(task: str, rng: random.Random, tokenizer: Tokenizer, length: int, depth: float | None = None,
+         haystack: str | None = None) -> Sample:
     """The NIAH[task] needles in a haystack; the first asked needle at `depth` (random if None), the others at
-    random depths."""
+    random depths. `haystack` (a haystack_units kind, "text:PATH" say) replaces the task's noise or essay
+    haystack; tasks whose haystack is distractor needles keep it."""
     spec = NIAH[task]
     keys = _distinct(spec.key_kind, rng, spec.keys)
     flat = _distinct(spec.value_kind, rng, spec.keys * spec.values)
@@ -127,7 +129,10 @@ def niah(task: str, rng: random.Random, tokenizer: Tokenizer, length: int, depth
     head = f"Some hidden {kind}s are placed in the text below. Remember them: you will be asked about them.\n"
     tail = (f"\nQuestion: what are all the hidden {kind}s for {_join(asked)} in the text above?\n"
             f"Answer: the hidden {kind}s for {_join(asked)} are:")
-    units = _distractors(spec, rng, set(keys)) if spec.haystack == "needles" else haystack_units(spec.haystack, rng)
+    if spec.haystack == "needles":
+        units = _distractors(spec, rng, set(keys))
+    else:
+        units = haystack_units(haystack or spec.haystack, rng)
     prompt = build_prompt(tokenizer, length, head, units, inserts, tail, task)
     return _sample(task, tokenizer, prompt, [v for k in asked for v in values[k]])
 
