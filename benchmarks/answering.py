@@ -91,14 +91,23 @@ def load_answerer(spec: str, tokenizer: str | None = None, device: str = "cpu", 
         name = path = spec
     if path == "oracle":
         return OracleAnswerer(name, benchmark_tokenizer(tokenizer))
+    model, tok = load_checkpoint_model(name, path, f"--checkpoint {spec}", tokenizer, device, dtype,
+                                       " (or give oracle)")
+    return ModelAnswerer(name, model, tok, segment, offload)
+
+
+def load_checkpoint_model(name: str, path: str, flag: str, tokenizer: str | None, device: str, dtype: str,
+                          hint: str = "") -> tuple[torch.nn.Module, Tokenizer]:
+    """The model at `path` (a save_pretrained folder or builtin:tiny-random) on `device` and its tokenizer
+    (`tokenizer`, else the folder's own, else bytes); BenchmarkError naming `flag` when either cannot be used."""
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise BenchmarkError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
     try:
         model = load_model(path, device, dtype)
     except ValueError as err:
-        raise BenchmarkError(f"--checkpoint {spec}: {err} (or give oracle)") from err
+        raise BenchmarkError(f"{flag}: {err}{hint}") from err
     tok = benchmark_tokenizer(tokenizer, None if path.startswith("builtin:") else path)
     if tok.vocab_size > model.config.vocab_size:
         raise BenchmarkError(f"the tokenizer {tok.name!r} has {tok.vocab_size} ids but the model {name!r} only "
                              f"{model.config.vocab_size}: give the model's own tokenizer with --tokenizer")
-    return ModelAnswerer(name, model, tok, segment, offload)
+    return model, tok

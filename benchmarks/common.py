@@ -16,18 +16,24 @@ def parse_length(text: str) -> int:
     return int(float(text.rstrip("kmg")) * scale)
 
 
-def parse_lengths(text: str) -> list[int]:
-    """'4k,64k,1m' -> [4096, 65536, 1048576] (sorted, without repeats)."""
-    lengths = set()
+def parse_counts(text: str, what: str, example: str) -> list[int]:
+    """'4k,64k,1m' -> [4096, 65536, 1048576], in the given order; BenchmarkError 'bad {what} ...: give {example}'
+    for an item that is not a count of at least 1."""
+    counts = []
     for item in text.split(","):
         try:
             value = parse_length(item)
         except ValueError:
             value = 0
         if value < 1:
-            raise BenchmarkError(f"bad length {item.strip()!r}: give token counts such as 4096, 4k, 1m or 64m")
-        lengths.add(value)
-    return sorted(lengths)
+            raise BenchmarkError(f"bad {what} {item.strip()!r}: give {example}")
+        counts.append(value)
+    return counts
+
+
+def parse_lengths(text: str) -> list[int]:
+    """'4k,64k,1m' -> [4096, 65536, 1048576] (sorted, without repeats)."""
+    return sorted(set(parse_counts(text, "length", "token counts such as 4096, 4k, 1m or 64m")))
 
 
 def format_length(n: int) -> str:

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from benchmarks.answering import benchmark_tokenizer
-from benchmarks.common import BenchmarkError, command_line, format_length, parse_length
-from ramba.loading import load_model, resolve_dtype
+from benchmarks.answering import benchmark_tokenizer, load_checkpoint_model
+from benchmarks.common import BenchmarkError, command_line, format_length, parse_counts, parse_length
+from ramba.loading import resolve_dtype
 from ramba.tokenizer import Tokenizer
 
 LOSS_ROWS = 1024  # logits turned to float32 and scored this many positions at a time (bounds the memory)
@@ -42,16 +42,7 @@ LOSS_ROWS = 1024  # logits turned to float32 and scored this many positions at a
 
 def parse_buckets(text: str) -> list[int]:
     """'1k,4k,16k' -> [1024, 4096, 16384]: the bucket edges after 0, strictly increasing, each at least 1."""
-    edges = []
-    for item in text.split(","):
-        try:
-            value = parse_length(item)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise BenchmarkError(f"bad bucket edge {item.strip()!r} in --buckets {text!r}: give token positions "
-                                 "such as 1k,4k,16k")
-        edges.append(value)
+    edges = parse_counts(text, "bucket edge", "token positions such as 1k,4k,16k in --buckets")
     if any(b <= a for a, b in zip(edges, edges[1:])):
         raise BenchmarkError(f"--buckets {text!r} must be strictly increasing, e.g. 1k,4k,16k,64k")
     return edges
@@ -202,16 +193,7 @@ def load_checkpoint(spec: str, tokenizer: str | None, device: str, dtype: str) -
     name, path = checkpoint_name(spec)
     if path == "oracle":
         raise BenchmarkError("--checkpoints oracle: the oracle has no losses; give model folders")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise BenchmarkError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
-    try:
-        model = load_model(path, device, dtype)
-    except ValueError as err:
-        raise BenchmarkError(f"--checkpoints {spec}: {err}") from err
-    tok = benchmark_tokenizer(tokenizer, None if path.startswith("builtin:") else path)
-    if tok.vocab_size > model.config.vocab_size:
-        raise BenchmarkError(f"the tokenizer {tok.name!r} has {tok.vocab_size} ids but the model {name!r} only "
-                             f"{model.config.vocab_size}: give the model's own tokenizer with --tokenizer")
+    model, tok = load_checkpoint_model(name, path, f"--checkpoints {spec}", tokenizer, device, dtype)
     return name, model, tok
 
 
