@@ -2,11 +2,13 @@ r"""RULER-style synthetic tasks, generated locally from a seed, and prepared RUL
 
 python -m benchmarks.ruler --checkpoint DIR --lengths 4k,64k,1m [--tasks niah_single_1,vt,...] \
     [--depths 0,0.5,1] [--haystack text:PATH] [--data qa_1.jsonl[@4k] ...] [--samples N] [--out DIR] \
-    [--segment 4096] [--device cuda]
+    [--segment 4096] [--device cuda] [--qa-data-dir DIR]
 
 Tasks (ramba.data.tasks.ruler; prompts exactly the asked length in tokens): needles in a haystack
 (niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery), vt (variable tracking), cwe and fwe
-(common and frequent words).
+(common and frequent words), qa_1 and qa_2 (single- and multi-hop questions over documents: made-up
+documents by default; with --qa-data-dir DIR, questions and paragraphs of the SQuAD v2 and HotpotQA dev files
+dev-v2.0.json and hotpot_dev_distractor_v1.json in DIR; see ramba.data.tasks.ruler_qa).
 
 Scoring as RULER: a sample scores the fraction of its references found in the output (case-insensitive),
 except QA tasks, which score 1 if any reference is found. `--data` runs RULER-format jsonl files prepared
@@ -28,8 +30,12 @@ from pathlib import Path
 from benchmarks.common import BenchmarkError, parse_depths, parse_lengths
 from benchmarks.runner import add_common_args, main_guard, run
 from ramba.data.tasks import Key, Sample, check_haystack, encode_prompt, make_sample as task_sample, sample_rng
-from ramba.data.tasks.ruler import NIAH, TASKS, answer_budget, match_all, match_part, niah
+from ramba.data.tasks import ruler_qa
+from ramba.data.tasks.ruler import NIAH, TASKS as SYNTHETIC, answer_budget, match_all, match_part, niah
 from ramba.tokenizer import Tokenizer
+
+TASKS = {**SYNTHETIC, **ruler_qa.TASKS}
+DEPTH_TASKS = {*NIAH, *ruler_qa.TASKS}  # tasks that place their asked fact at --depths
 
 
 # ------------------------------------------------------------------------------------- RULER jsonl files
@@ -101,29 +107,31 @@ def parse_tasks(text: str) -> list[str]:
     unknown = [t for t in names if t not in TASKS]
     if unknown or not names:
         raise BenchmarkError(f"unknown RULER task(s) {', '.join(map(repr, unknown)) or repr(text)}; known: "
-                             f"{', '.join(TASKS)} (QA tasks such as qa_1 and qa_2 run from RULER jsonl files "
-                             "given with --data)")
+                             f"{', '.join(TASKS)} (other tasks run from RULER jsonl files given with --data)")
     return names
 
 
 def make_sample(key: Key, tokenizer: Tokenizer, seed: int = 0, files: dict[tuple[str, int], FileTask] | None = None,
-                haystack: str | None = None) -> Sample:
+                haystack: str | None = None, qa_data_dir: str | None = None) -> Sample:
     """A synthetic task's sample for (seed, key), or the key's record of a loaded file; `haystack` replaces the
-    noise or essay haystack of niah tasks."""
+    noise or essay haystack of niah tasks, `qa_data_dir` (holding the SQuAD / HotpotQA dev files) the made-up
+    documents of qa_1 and qa_2."""
     if files and (key.task, key.length) in files:
         return _file_sample(files[key.task, key.length], key.index, tokenizer)
     if key.task not in TASKS:
         raise BenchmarkError(f"unknown RULER task {key.task!r}; known: {', '.join(TASKS)}")
     if haystack is not None and key.task in NIAH:
         return niah(key.task, sample_rng(seed, key), tokenizer, key.length, key.depth, haystack)
+    if qa_data_dir is not None and key.task in ruler_qa.TASKS:
+        return ruler_qa.sample(key.task, sample_rng(seed, key), tokenizer, key.length, key.depth, qa_data_dir)
     return task_sample(key, tokenizer, seed)
 
 
 def keys(tasks: list[str], lengths: list[int], depths: list[float] | None, samples: int,
          files: dict[tuple[str, int], FileTask]) -> list[Key]:
-    """Shortest lengths first; needle tasks at each depth when depths are given (else at random depths)."""
+    """Shortest lengths first; needle and QA tasks at each depth when depths are given (else at random depths)."""
     out = [Key(t, n, d, i) for n in lengths for t in tasks
-           for d in (depths if depths and t in NIAH else [None]) for i in range(samples)]
+           for d in (depths if depths and t in DEPTH_TASKS else [None]) for i in range(samples)]
     out += [Key(name, n, None, i) for (name, n), task in files.items() for i in range(len(task.records))]
     return sorted(out, key=lambda k: (k.length, k.task, -1 if k.depth is None else k.depth, k.index))
 
@@ -132,11 +140,15 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, "ruler", "4k,8k,16k,32k,64k,128k", samples=10)
     parser.add_argument("--tasks", help=f"comma-separated, or 'all': {', '.join(TASKS)}")
-    parser.add_argument("--depths", help="place the asked needle of niah tasks at these depths (default: random)")
+    parser.add_argument("--depths", help="place the asked needle of niah tasks, the answer document of qa_1 and "
+                                         "qa_2, at these depths (default: random)")
     parser.add_argument("--data", action="append", default=[], metavar="PATH[@LENGTH]",
                         help="a RULER-format jsonl file to run (repeatable)")
     parser.add_argument("--haystack", help="noise, essay or text:PATH (sentences of a corpus .jsonl or .txt): the "
                                            "haystack of the niah tasks (default: each task's own)")
+    parser.add_argument("--qa-data-dir", metavar="DIR",
+                        help="qa_1 and qa_2 from the official dev files in DIR (dev-v2.0.json of SQuAD v2, "
+                             "hotpot_dev_distractor_v1.json of HotpotQA) instead of made-up documents")
     args = parser.parse_args(argv)
 
     def go() -> str:
@@ -149,10 +161,16 @@ def main(argv: list[str] | None = None) -> str:
             files[task.name, task.length] = task
         if args.haystack is not None:
             check_haystack(args.haystack)
+        if args.qa_data_dir is not None:
+            for task in sorted(set(tasks) & set(ruler_qa.TASKS)):
+                ruler_qa.load(task, args.qa_data_dir)  # fail early on a missing or malformed file
         depths = parse_depths(args.depths) if args.depths else None
         todo = keys(tasks, parse_lengths(args.lengths), depths, args.samples, files)
-        return run(args, "RULER", todo, lambda key, tok: make_sample(key, tok, args.seed, files, args.haystack),
-                   score, {"haystack": args.haystack} if args.haystack else {})
+        extra = {**({"haystack": args.haystack} if args.haystack else {}),
+                 **({"qa_data_dir": args.qa_data_dir} if args.qa_data_dir else {})}
+        return run(args, "RULER", todo,
+                   lambda key, tok: make_sample(key, tok, args.seed, files, args.haystack, args.qa_data_dir),
+                   score, extra)
 
     return main_guard(go)
 

@@ -14,7 +14,7 @@ from ramba.tokenizer import ByteTokenizer
 TOK = ByteTokenizer()
 NAMES = ["passkey", "niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
          "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa1", "qa2", "qa3", "qa4",
-         "qa5"]
+         "qa5", "qa_1", "qa_2"]
 
 
 def text_of(sample) -> str:
@@ -31,7 +31,7 @@ def test_registry_names() -> None:
     with pytest.raises(TaskError, match="unknown task 'qa6'"):
         make_sample(Key("qa6", 1024, None, 0), TOK)
     with pytest.raises(TaskError, match="unknown task"):
-        score("qa_1", "x", ["x"])
+        score("qa_9", "x", ["x"])
 
 
 @pytest.mark.parametrize("task", NAMES)

@@ -8,15 +8,17 @@ Every task is a function of one signature, `TaskFn`:
 - tokenizer: any `ramba.tokenizer.Tokenizer` (bos is prepended where it has one);
 - length: the prompt length in tokens, met exactly (TaskError if the task does not fit);
 - depth: where the asked fact goes, a fraction of the haystack in [0, 1] (None: random); tasks whose facts
-  all lie at random depths (vt, cwe, fwe, qa1..qa5) do not use it.
+  all lie at random depths (vt, cwe, fwe, qa1..qa5) do not use it; qa_1 and qa_2 put their answer document
+  there.
 
 A Sample holds prompt_ids (int32 [length]), target (the ideal continuation), references (what scoring looks
 for), max_new_tokens and the token offset of each inserted fact. `score(task, output, references)` is in
 [0, 1]; it is 1 for the target.
 
 Tasks: passkey; niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, cwe, fwe
-(RULER-style); qa1..qa5 (bAbI-style, as in BABILong). `kv` (key-value recall, outside the registry) and
-`passkey` make the built-in pre-training mixture (ramba.data.synthetic); `filler` holds the essay text.
+(RULER-style); qa1..qa5 (bAbI-style, as in BABILong); qa_1, qa_2 (RULER's single- and multi-hop QA over
+documents, made up or read from SQuAD / HotpotQA dev files: ruler_qa). `kv` (key-value recall, outside the
+registry) and `passkey` make the built-in pre-training mixture (ramba.data.synthetic); `filler` holds the essay text.
 """
 
 from __future__ import annotations
@@ -25,15 +27,16 @@ from collections.abc import Callable
 
 from ramba.tokenizer import Tokenizer
 
-from . import babilong, filler, kv, passkey, ruler
+from . import babilong, filler, kv, passkey, ruler, ruler_qa
 from .prompt import (HAYSTACKS, Key, Prompt, Sample, TaskError, TaskFn, build_prompt, check_haystack, encode_prompt,
                      sample_rng)
 
-TASKS: dict[str, TaskFn] = {"passkey": passkey.sample, **ruler.TASKS, **babilong.TASKS}
+TASKS: dict[str, TaskFn] = {"passkey": passkey.sample, **ruler.TASKS, **babilong.TASKS, **ruler_qa.TASKS}
 SCORES: dict[str, Callable[[str, list[str]], float]] = {
     "passkey": passkey.score,
     **dict.fromkeys(ruler.TASKS, ruler.match_all),
     **dict.fromkeys(babilong.TASKS, babilong.score),
+    **dict.fromkeys(ruler_qa.TASKS, ruler.match_part),
 }
 
 
