@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.answering import benchmark_tokenizer, load_checkpoint_model
 from benchmarks.common import BenchmarkError, command_line, format_length, parse_counts, parse_length
+from ramba.generation import prefill_segments
 from ramba.loading import resolve_dtype
 from ramba.tokenizer import Tokenizer
 
@@ -88,9 +89,7 @@ def position_losses(model: torch.nn.Module, ids: torch.Tensor, buckets: Sequence
         return sums, counts
     device = next(model.parameters()).device
     cache = model.new_cache(1, offload=offload)
-    starts = range(0, n, segment)
-    for a in tqdm(starts, desc="segments", unit="seg", leave=False, disable=not progress):
-        b = min(a + segment, n)
+    for a, b in tqdm(prefill_segments(n, segment), desc="segments", unit="seg", leave=False, disable=not progress):
         logits = model(ids[a:b].to(device)[None], cache=cache).logits[0]
         targets = ids[a + 1:b + 1].to(device)  # the last logit predicts the next segment's first token
         losses = token_losses(logits[:targets.numel()], targets).double().cpu()

@@ -20,6 +20,17 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
+def prefill_segments(length: int, size: int, attention_mask: torch.Tensor | None = None) -> list[tuple[int, int]]:
+    """(start, end) pieces of at most `size` tokens that cover [0, length), for feeding a cache. With left
+    padding (attention_mask [B, length], 0 for padding) the first piece is long enough to hold every row's
+    padding and its first token, since a cache takes padding in its first call only."""
+    first = size
+    if attention_mask is not None:
+        first = max(size, int((attention_mask == 0).sum(1).max()) + 1)
+    bounds = [0, *range(min(first, length), length, size), length]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
     """Sample from logits [B, V] with temperature and nucleus (top-p) filtering -> ids [B]."""
@@ -99,21 +110,18 @@ def generate(
     model.eval()
     B, L = input_ids.shape
     device = model_device(model)
-    valid = None
-    first = segment_size
     if attention_mask is not None:
         valid = attention_mask != 0
         if bool((valid[:, :-1] & ~valid[:, 1:]).any()):
             raise ValueError("generate needs left padding (pad tokens before the prompt); right-padded prompts "
                              "would continue from their padding")
-        first = max(segment_size, int((~valid).sum(1).max()) + 1)  # all padding goes into the first segment
     stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
 
     cache = model.new_cache(B, offload=offload)
-    bounds = [0, *range(min(first, L), L, segment_size), L]
-    bar = tqdm(total=L, desc="prefill", unit="tok", disable=not (progress if progress is not None else len(bounds) > 2))
-    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        padding = {} if valid is None or i else {"attention_mask": attention_mask[:, start:end].to(device)}
+    segments = prefill_segments(L, segment_size, attention_mask)
+    bar = tqdm(total=L, desc="prefill", unit="tok", disable=not (progress if progress is not None else len(segments) > 1))
+    for i, (start, end) in enumerate(segments):
+        padding = {} if attention_mask is None or i else {"attention_mask": attention_mask[:, start:end].to(device)}
         extra = {"return_retrieval": True} if return_retrieval and end == L else {}
         step_out = model(input_ids[:, start:end].to(device), cache=cache, logits_to_keep=1 if end == L else 0,
                          **padding, **extra)

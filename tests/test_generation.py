@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ramba import HSAHybrid
-from ramba.generation import GenerateOutput, greedy_steps
+from ramba.generation import GenerateOutput, greedy_steps, prefill_segments
 from test_model import small_config
 
 
@@ -71,3 +73,17 @@ def test_greedy_steps_continue_a_prefilled_cache_as_generate_does():
         first = model(prompt, cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
     steps = greedy_steps(model, cache, first)
     assert torch.equal(torch.cat([first] + [next(steps) for _ in range(5)], dim=1), expected)
+
+
+@settings(max_examples=50, deadline=None)
+@given(length=st.integers(1, 300), size=st.integers(1, 64), pads=st.lists(st.integers(0, 299), min_size=1, max_size=3))
+def test_prefill_segments_cover_the_input_and_keep_padding_first(length, size, pads):
+    pads = [min(p, length - 1) for p in pads]
+    mask = torch.stack([(torch.arange(length) >= p).long() for p in pads])
+    for attention_mask in (None, mask):
+        pieces = prefill_segments(length, size, attention_mask)
+        assert pieces[0][0] == 0 and pieces[-1][1] == length
+        assert all(a < b and b == c for (a, b), (c, _) in zip(pieces, pieces[1:]))
+        assert all(b - a <= size for a, b in pieces[1:])
+        first = size if attention_mask is None else max(size, max(pads) + 1)
+        assert pieces[0][1] == min(first, length)

@@ -34,6 +34,7 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("ramba's lm-evaluation-harness integration needs lm-eval: pip install lm-eval") from err
 
+from ramba.generation import prefill_segments
 from ramba.loading import load_model
 from ramba.tokenizer import load_tokenizer
 
@@ -176,8 +177,7 @@ class RambaLM(LM):
         total = torch.zeros(B, dtype=torch.float64)
         greedy = torch.ones(B, dtype=torch.bool)
         cache = model.new_cache(B)
-        bounds = [0, *range(min(self.segment_size, L), L, self.segment_size), L]
-        for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for i, (start, end) in enumerate(prefill_segments(L, self.segment_size, mask if padded else None)):
             keep = max(0, end - max(start, first_scored))
             padding = {"attention_mask": mask[:, start:end].to(device)} if padded and i == 0 else {}
             out = model(inputs[:, start:end].to(device), cache=cache, logits_to_keep=keep, **padding)

@@ -15,6 +15,7 @@ from transformers import Cache, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ...cache import HSACache
+from ...generation import prefill_segments
 from ...model import HSAHybrid
 from .configuration import RambaConfig
 
@@ -215,11 +216,9 @@ class RambaForCausalLM(PreTrainedModel, GenerationMixin):
                 attention_mask = None
             elif cache.seen and bool((attention_mask != 0).all()):
                 attention_mask = None
-        first = SEGMENT if attention_mask is None else max(SEGMENT, int((attention_mask == 0).sum(1).max()) + 1)
-        bounds = [0, *range(min(first, L), L, SEGMENT), L]
         keep = L if keep is None else keep
         pieces = []
-        for start, end in zip(bounds[:-1], bounds[1:]):
+        for start, end in prefill_segments(L, SEGMENT, attention_mask):
             mask = attention_mask[:, start:end] if attention_mask is not None and start == 0 else None
             want = max(0, end - max(start, L - keep))
             pieces.append(self.hybrid(input_ids[:, start:end], attention_mask=mask, cache=cache.inner,
