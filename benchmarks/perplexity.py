@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.answering import benchmark_tokenizer, load_checkpoint_model
 from benchmarks.common import BenchmarkError, command_line, format_length, parse_counts, parse_length
+from ramba.data.texts import read_texts
 from ramba.generation import prefill_segments
 from ramba.loading import resolve_dtype
 from ramba.tokenizer import Tokenizer
@@ -113,22 +114,10 @@ def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
         return [path.read_text(encoding="utf-8", errors="replace")]
     if path.suffix != ".jsonl":
         raise BenchmarkError(f"--data {path}: give a .jsonl file (one JSON object per line) or a .txt file")
-    docs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as err:
-                raise BenchmarkError(f"{path}, line {n}, is not JSON ({err})") from None
-            if not isinstance(row, dict) or text_field not in row:
-                fields = ", ".join(map(str, row)) if isinstance(row, dict) else "none: not a JSON object"
-                raise BenchmarkError(f"{path}, line {n}, has no field {text_field!r} (its fields: {fields}); "
-                                     "name the text field with --text-field")
-            if not isinstance(row[text_field], str):
-                raise BenchmarkError(f"{path}, line {n}: field {text_field!r} is not a string")
-            docs.append(row[text_field])
+    try:
+        docs = read_texts(path, text_field)
+    except ValueError as err:
+        raise BenchmarkError(f"{err}; --text-field names the text field") from None
     if not docs:
         raise BenchmarkError(f"--data {path} holds no documents")
     return docs

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import json
 import random
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -19,6 +18,7 @@ import torch
 
 from ramba.tokenizer import Tokenizer
 
+from ..texts import read_texts
 from .filler import sentences
 
 NOISE = ("The sky is clear and the sea is calm.", "The fields are green.", "A boat drifts past the old pier.",
@@ -149,22 +149,10 @@ def _split_sentences(text: str) -> Iterator[str]:
 @functools.lru_cache(maxsize=4)
 def _corpus_units(path: str, mtime_ns: int) -> tuple[str, ...]:
     """The haystack units of a corpus file (cached per path and modification time)."""
-    source = Path(path)
-    if source.suffix in (".jsonl", ".json"):
-        texts = []
-        with source.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise TaskError(f"haystack {TEXT_PREFIX}{path}, line {n}, is not JSON: {err}") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise TaskError(f"haystack {TEXT_PREFIX}{path}, line {n}: a record needs a \"text\" string")
-                texts.append(record["text"])
-    else:
-        texts = [source.read_text(encoding="utf-8", errors="replace")]
+    try:
+        texts = read_texts(path)
+    except ValueError as err:
+        raise TaskError(f"haystack {TEXT_PREFIX}{path}: {err}") from None
     units = tuple(" " + s for text in texts for s in _split_sentences(text)
                   if len(s) <= MAX_UNIT_CHARS and not any(c.isdigit() for c in s))
     if not units:
