@@ -1,7 +1,7 @@
 """Long-context inference: prefill throughput, decode latency and peak memory, beside a dense model.
 
 python -m benchmarks.long_context --presets tiny,small --mixers swa,mamba2 --lengths 64k,1m,16m,64m \
-    [--segment 4096] [--decode-steps 16] [--out benchmarks/results/long_context.md] [--profile]
+    [--mamba-backends auto] [--segment 4096] [--decode-steps 16] [--out benchmarks/results/long_context.md] [--profile]
 
 Random weights in bf16 on one CUDA GPU; the memory K/V are offloaded to pinned CPU memory when they would
 take more than --offload-above GiB of GPU memory. The cache reserves the whole memory up front
@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--presets", default="tiny,small")
     p.add_argument("--mixers", default="swa,mamba2")
     p.add_argument("--lengths", default="64k,1m,16m,64m")
+    p.add_argument("--mamba-backends", default="auto",
+                   help="Mamba2 op backends to run the mamba2 mixer on, one row each (auto, cuda, compile, torch)")
     p.add_argument("--segment", type=int, default=4096)
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--offload-above", type=float, default=8.0, help="GiB of memory K/V above which to offload")
@@ -154,15 +156,17 @@ def main(argv: list[str] | None = None) -> None:
         print(result.row(), flush=True)
 
     for preset in args.presets.split(","):
-        for mixer in args.mixers.split(","):
-            config = HSAHybridConfig.preset(preset, local_mixer=mixer)
+        runs = [(mixer, backend) for mixer in args.mixers.split(",")
+                for backend in (args.mamba_backends.split(",") if mixer == "mamba2" else ["auto"])]
+        for mixer, backend in runs:
+            config = HSAHybridConfig.preset(preset, local_mixer=mixer, mamba_backend=backend)
+            name = f"{preset} {mixer}" + (f" ({backend})" if backend != "auto" else "")
             for length in lengths:
                 try:
                     record(run_hybrid(config, length, args.segment, args.decode_steps, args.offload_above,
-                                      f"{preset} {mixer}", args.profile))
+                                      name, args.profile))
                 except (torch.cuda.OutOfMemoryError, MemoryError) as err:
-                    record(Result(f"{preset} {mixer}", length, None, None, None, cpu_peak_gib(),
-                                  f"failed: {str(err)[:80]}"))
+                    record(Result(name, length, None, None, None, cpu_peak_gib(), f"failed: {str(err)[:80]}"))
                 torch.cuda.empty_cache()
         if args.dense:
             config = HSAHybridConfig.preset(preset)
