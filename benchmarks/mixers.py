@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import parse_length
 from benchmarks.kernels.harness import Bench, Runner, fmt, log, ratio, rel_err, table, time_fwd_bwd, write_report
+from benchmarks.profiling import top_ops
 from ramba import HSAHybridConfig
 from ramba.layers.mamba2 import Mamba2
 from ramba.ops import backends, causal_conv1d, gated_rms_norm, sliding_window_attention, ssd_scan
@@ -162,7 +163,20 @@ def conv_package_reason(backend: str) -> str | None:
     return None if reason is None else "n/a: " + reason.removeprefix("needs ")
 
 
-def mamba2_section(bench: Bench) -> str:
+def profile_fwd_bwd(name: str, runner: Runner) -> None:
+    """Print the top CUDA ops of three forward+backward calls of `runner` (after one untimed call)."""
+    fn, leaves = runner
+
+    def step() -> None:
+        fn().float().square().mean().backward()
+        for leaf in leaves:
+            leaf.grad = None
+
+    step()
+    log(f"profile of {name}, forward+backward:\n{top_ops(step, calls=3, rows=20)}")
+
+
+def mamba2_section(bench: Bench, profile: bool = False) -> str:
     config = HSAHybridConfig.preset("small", local_mixer="mamba2")
     rows, baseline = [], {}
     for op, backend, kind, runner in MAMBA_ROWS:
@@ -174,6 +188,8 @@ def mamba2_section(bench: Bench) -> str:
         check = bench.attempt(f"{op} {backend} check", lambda: grads_error(
             lambda: runner(config, backend, torch.bfloat16, 0), lambda: runner(config, "torch", torch.float32, 0), 1))
         fwd, both = time_fwd_bwd(bench, f"{op} {backend}", lambda: runner(config, backend, torch.bfloat16, 2))
+        if profile and op == "Mamba2 layer":
+            profile_fwd_bwd(f"{op} {backend}", runner(config, backend, torch.bfloat16, 2))
         if backend == "torch":
             baseline[op] = both
         error = check if isinstance(check, str) else f"{check[0]:.1e} / {check[1]:.1e}"
@@ -203,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--lengths", default="4k,16k,32k,128k", help="sequence lengths of the swa section")
     p.add_argument("--rep-ms", type=int, default=100, help="milliseconds of timed repetitions per measurement")
+    p.add_argument("--profile", action="store_true", help="print the top CUDA ops of each Mamba2 layer's fwd+bwd")
     p.add_argument("--out", type=Path, help="also write the markdown report to this file")
     args = p.parse_args(argv)
     sections = args.sections.split(",")
@@ -216,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     if "swa" in sections:
         blocks.append(swa_section(bench, [parse_length(n) for n in args.lengths.split(",")]))
     if "mamba2" in sections:
-        blocks.append(mamba2_section(bench))
+        blocks.append(mamba2_section(bench, args.profile))
     if bench.notes:
         blocks.append("## Errors\n\n" + "\n".join(f"- {note}" for note in bench.notes))
     write_report(blocks, args.out)
