@@ -32,6 +32,10 @@ VARIANTS: dict[str, dict[str, object]] = {
     "mixer-only": {**BASE, "use_hsa": False},
     "dense": {**BASE, "use_hsa": False, "window": DENSE_WINDOW},  # full causal attention up to 64K tokens
     "mamba2": {**BASE, "local_mixer": "mamba2"},  # the base model with Mamba2 as every block's local mixer
+    # Mamba2 whose heads all forget within the SWA window's 32 tokens: its state at 64K looks like in training
+    "mamba2-horizon": {**BASE, "local_mixer": "mamba2", "mamba_horizon": 32},
+    # SWA below the memory (chunk encoder input, landmarks), Mamba2 in the upper blocks
+    "mamba2-upper": {**BASE, "local_mixer": ["swa", "swa", "mamba2", "mamba2"]},
 }
 
 

@@ -25,7 +25,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE_INTS = ("vocab_size", "d_model", "num_heads", "num_kv_heads", "head_dim", "window", "d_state", "d_conv",
                  "expand", "mamba_head_dim", "n_groups", "mamba_chunk_size", "chunk_size", "retrieval_dim",
                  "hsa_every")
-NON_NEGATIVE_INTS = ("n_lower_layers", "n_upper_layers", "encoder_layers", "intermediate_size")
+NON_NEGATIVE_INTS = ("n_lower_layers", "n_upper_layers", "encoder_layers", "intermediate_size", "mamba_horizon")
 BOOLS = ("plain_block_mlp", "use_hsa", "retrieve_beyond_window", "softmax_off_by_one", "tie_embeddings")
 POSITIVE_FLOATS = ("rope_theta", "norm_eps")
 NON_NEGATIVE_FLOATS = ("gumbel_noise", "initializer_range")
@@ -90,6 +90,9 @@ class HSAHybridConfig:
     mamba_head_dim: int = 64
     n_groups: int = 1
     mamba_chunk_size: int = 64
+    # tokens within which every Mamba2 head forgets at least a factor e (0: no bound), so that its state at
+    # any length looks like its state in training: a soft window for the recurrent mixer
+    mamba_horizon: int = 0
     # chunk memory and retrieval (use_hsa=False: the same stack with plain blocks only, the mixer-only baseline)
     use_hsa: bool = True
     chunk_size: int = 64

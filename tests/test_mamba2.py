@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 
 import pytest
 import torch
@@ -200,3 +201,46 @@ def test_compiled_backend_matches_reference():
     with torch.no_grad():
         whole = ref(x.detach())  # one pass over the whole input, no documents
     torch.testing.assert_close(cached(fast), whole, rtol=1e-9, atol=1e-9)
+
+
+def test_horizon_bounds_every_heads_decay():
+    """With mamba_horizon H, exp(dt * A) <= exp(-1/H) for every token and head, and H=0 leaves dt as it was."""
+    gen = torch.Generator().manual_seed(3)
+    raw = torch.randn(2, 9, 8, generator=gen, dtype=torch.float64) * 4 - 6  # softplus of these is tiny
+    free, bounded = make_layer(), make_layer(mamba_horizon=40)
+    dt_free, A = free._steps(raw, torch.float64)
+    dt_bounded, A_bounded = bounded._steps(raw, torch.float64)
+    torch.testing.assert_close(A_bounded, A)
+    torch.testing.assert_close(dt_free, F.softplus(raw + free.dt_bias))
+    assert ((dt_free * A).exp() > math.exp(-1 / 40)).any()  # some head remembers longer than 40 tokens
+    assert ((dt_bounded * A).exp() <= math.exp(-1 / 40) + 1e-12).all()
+
+
+@pytest.mark.parametrize("horizon", [0, 4])
+def test_horizon_forgets_the_far_past(horizon):
+    """An input 400 tokens back moves the last output of a layer without a horizon; with a horizon of 4
+    tokens (decay at least e^-100 over 400 tokens, beyond the conv's reach) it does not."""
+    gen = torch.Generator().manual_seed(4)
+    layer = make_layer(mamba_horizon=horizon)
+    with torch.no_grad():  # slow heads: the decay exp(dt A) of the softplus'd bias alone is close to one
+        layer.dt_bias.fill_(-7.0)
+    x = torch.randn(1, 420, 32, generator=gen, dtype=torch.float64)
+    changed = x.clone()
+    changed[:, :10] = torch.randn(1, 10, 32, generator=gen, dtype=torch.float64)
+    diff = (layer(changed)[:, -1] - layer(x)[:, -1]).abs().max().item()
+    if horizon:
+        assert diff < 1e-12
+    else:
+        assert diff > 1e-4
+
+
+@settings(max_examples=6, deadline=None)
+@given(l=st.integers(2, 40), cut=st.integers(1, 39), seed=st.integers(0, 2**31 - 1))
+def test_horizon_cached_path_equals_full_forward(l, cut, seed):
+    gen = torch.Generator().manual_seed(seed)
+    layer = make_layer(mamba_horizon=6)
+    x = torch.randn(2, l, 32, generator=gen, dtype=torch.float64)
+    cut = min(cut, l - 1)
+    state = layer.allocate_inference_cache(2, x.device, x.dtype)
+    pieces = [layer(x[:, :cut], state=state)] + [layer(x[:, t:t + 1], state=state) for t in range(cut, l)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), layer(x), rtol=1e-9, atol=1e-9)

@@ -64,6 +64,7 @@ class Mamba2(nn.Module):
         self.nheads = self.d_inner // self.headdim
         self.ngroups = config.n_groups
         self.chunk_size = config.mamba_chunk_size
+        self.horizon = config.mamba_horizon
         self.backend = config.mamba_backend
         conv_dim = self.d_inner + 2 * self.ngroups * self.d_state
 
@@ -105,11 +106,11 @@ class Mamba2(nn.Module):
         z, xbc, dt = torch.split(self.in_proj(x), [self.d_inner, self.conv1d.in_channels, self.nheads], dim=-1)
         xbc = F.silu(causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, docs, backend=self.backend))
         xs, B, C = torch.split(xbc, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        ct = torch.promote_types(dt.dtype, torch.float32)  # float32, or float64 for float64 inputs
+        dt, A = self._steps(dt, torch.promote_types(dt.dtype, torch.float32))  # float32 (float64 for float64)
         y = ssd_scan(
             xs.reshape(b, l, self.nheads, self.headdim),
-            F.softplus(dt.to(ct) + self.dt_bias.to(ct)),
-            -torch.exp(self.A_log.to(ct)),
+            dt,
+            A,
             B.reshape(b, l, self.ngroups, self.d_state),
             C.reshape(b, l, self.ngroups, self.d_state),
             self.chunk_size,
@@ -118,6 +119,15 @@ class Mamba2(nn.Module):
             backend=self.backend,
         )
         return self.out_proj(self.norm(y.reshape(b, l, self.d_inner), z))
+
+    def _steps(self, dt: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """dt [b, l, h] (in_proj's) -> (the positive steps [b, l, h], A [h] < 0) in `dtype`. With a horizon H,
+        each step grows by 1 / (H |A|), so that every head's decay exp(dt A) is at most exp(-1 / H) a token."""
+        A = -torch.exp(self.A_log.to(dtype))
+        dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))
+        if self.horizon:
+            dt = dt + 1.0 / (self.horizon * -A)
+        return dt, A
 
     def _forward_cached(self, x: Tensor, state: Mamba2State, valid: Tensor | None) -> Tensor:
         """The segment x continues from `state` (updated in place)."""
@@ -131,9 +141,7 @@ class Mamba2(nn.Module):
                                          initial_state=state.conv, return_final_state=True, backend=self.backend)
         xs, B, C = torch.split(F.silu(conv), [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state],
                                dim=-1)
-        ct = state.ssm.dtype
-        dt = F.softplus(dt.to(ct) + self.dt_bias.to(ct))
-        A = -torch.exp(self.A_log.to(ct))
+        dt, A = self._steps(dt, state.ssm.dtype)
         xs, B, C = xs.reshape(b, l, self.nheads, self.headdim), B.reshape(b, l, self.ngroups, -1), C.reshape(b, l, self.ngroups, -1)
         y, state.ssm = ssd_scan(xs, dt, A, B, C, self.chunk_size, self.D, seq_start, initial_state=state.ssm,
                                 return_final_state=True, backend=self.backend)
