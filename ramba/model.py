@@ -25,6 +25,9 @@ from .layers.chunk_encoder import ChunkEncoder
 from .layers.norm import RMSNorm
 from .memory import Memory
 from .ops import DocIndex
+from .parallel.group import active
+from .parallel.model import check_inputs as check_context_parallel
+from .parallel.model import gather_memory, global_mean_loss, global_positions, next_token_targets
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -192,6 +195,12 @@ class HSAHybrid(nn.Module):
             raise ValueError(f"logits_to_keep must be in [0, {length}] (the input length), got {logits_to_keep}")
         if labels is not None and keep != length:
             raise ValueError("labels need the logits of every position: leave logits_to_keep unset")
+        cp = active()
+        if cp is not None:
+            padded = attention_mask is not None and not bool((attention_mask != 0).all())
+            check_context_parallel(cp, self.config.chunk_size, input_ids,
+                                   doc_ids is not None or cu_seqlens is not None or padded, cache is not None,
+                                   logits_to_keep, self.gradient_checkpointing and self.training)
         if cache is not None:
             if doc_ids is not None or cu_seqlens is not None:
                 raise ValueError("packed documents (doc_ids, cu_seqlens) are not supported with a cache: run one "
@@ -201,7 +210,9 @@ class HSAHybrid(nn.Module):
             x, retrieval = self._forward_full(input_ids, attention_mask, doc_ids, cu_seqlens, keep)
         logits = self.lm_head(self.norm(x))
         loss = None
-        if labels is not None:
+        if labels is not None and cp is not None:
+            loss = global_mean_loss(logits, next_token_targets(labels, cp), cp)
+        elif labels is not None:
             targets = labels[:, 1:].long()
             if attention_mask is not None:
                 targets = targets.masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
@@ -218,7 +229,7 @@ class HSAHybrid(nn.Module):
         When every target is ignored (-100, or padding) there is nothing to average: the loss is 0 (still
         attached to the graph, so backward gives zero gradients) and a RuntimeWarning says so, rather than
         the NaN of an empty mean."""
-        flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+        flat = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.shape[-1])
         if not bool((targets != IGNORE_INDEX).any()):
             warnings.warn("every label is ignored (-100 or padding): the loss is 0 for this batch", RuntimeWarning,
                           stacklevel=3)
@@ -249,16 +260,20 @@ class HSAHybrid(nn.Module):
         """The whole input at once; returns the last `keep` final hidden states and the retrievals."""
         length = input_ids.shape[1]
         layout = build_layout(tuple(input_ids.shape), input_ids.device, attention_mask, doc_ids, cu_seqlens)
+        cp = active()  # under context parallelism: this rank's slice, at its global positions
+        positions = None if cp is None else global_positions(cp, length, input_ids.device)
         x = self.embed(input_ids.long())
         for block in self.lower:
-            x = self._block(block, x, layout.docs)
+            x = self._block(block, x, layout.docs, None, positions)
         memory = self.encoder(layout.unpack(self.memory_norm(x))) if self.encoder is not None else None
+        if memory is not None and cp is not None:
+            memory = gather_memory(memory, cp)
         start = length - keep - self.upper_receptive_field
         if self.upper_all_swa and layout.trivial and start > 0:  # exact shortcut: only the receptive field
             positions = torch.arange(start, length, device=x.device)
             x, retrieval = self._run_upper(x[:, start:], memory, layout, None, None, positions, None)
             return x[:, x.shape[1] - keep:], _last(retrieval, keep)
-        x, retrieval = self._run_upper(x, memory, layout, layout.docs, None, None, None)
+        x, retrieval = self._run_upper(x, memory, layout, layout.docs, None, positions, None)
         return x[:, length - keep:], _last(retrieval, keep)
 
     def _forward_cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: HSACache,

@@ -12,6 +12,8 @@ from torch import Tensor, nn
 from ramba.config import HSAHybridConfig
 from ramba.ops import DocIndex, causal_conv1d, gated_rms_norm, ssd_scan
 from ramba.ops.utils import as_doc_index
+from ramba.parallel.context import context_parallel_conv1d, context_parallel_scan
+from ramba.parallel.group import active
 
 DT_MIN, DT_MAX, DT_INIT_FLOOR = 1e-3, 0.1, 1e-4
 A_INIT_RANGE = (1.0, 16.0)
@@ -104,20 +106,21 @@ class Mamba2(nn.Module):
             raise ValueError(f"Mamba2: doc_ids must be [B, L] = {tuple(x.shape[:2])}, got shape {tuple(docs.shape)}")
         b, l, _ = x.shape
         z, xbc, dt = torch.split(self.in_proj(x), [self.d_inner, self.conv1d.in_channels, self.nheads], dim=-1)
-        xbc = F.silu(causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, docs, backend=self.backend))
+        cp = active()  # under context parallelism: this rank's slice of a sharded sequence, exactly
+        if cp is None:
+            xbc = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, docs, backend=self.backend)
+        else:
+            xbc = context_parallel_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, cp.group,
+                                          backend=self.backend)
+        xbc = F.silu(xbc)
         xs, B, C = torch.split(xbc, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         dt, A = self._steps(dt, torch.promote_types(dt.dtype, torch.float32))  # float32 (float64 for float64)
-        y = ssd_scan(
-            xs.reshape(b, l, self.nheads, self.headdim),
-            dt,
-            A,
-            B.reshape(b, l, self.ngroups, self.d_state),
-            C.reshape(b, l, self.ngroups, self.d_state),
-            self.chunk_size,
-            self.D,
-            docs,
-            backend=self.backend,
-        )
+        scan_args = (xs.reshape(b, l, self.nheads, self.headdim), dt, A, B.reshape(b, l, self.ngroups, self.d_state),
+                     C.reshape(b, l, self.ngroups, self.d_state), self.chunk_size, self.D, docs)
+        if cp is None:
+            y = ssd_scan(*scan_args, backend=self.backend)
+        else:
+            y = context_parallel_scan(*scan_args, cp.group, backend=self.backend)
         return self.out_proj(self.norm(y.reshape(b, l, self.d_inner), z))
 
     def _steps(self, dt: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,4 @@
-"""RMSNorm computed in float32 whatever the input dtype."""
+"""RMSNorm computed in float32 (float64 for float64 inputs) whatever the input dtype."""
 
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        ct = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(ct)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return (xf * self.weight.to(ct)).to(x.dtype)

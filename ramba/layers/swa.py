@@ -10,6 +10,8 @@ from torch import nn
 from ramba.config import HSAHybridConfig
 from ramba.layers.rope import apply_rope, rope_angles
 from ramba.ops import DocIndex, sliding_window_attention
+from ramba.parallel.context import context_parallel_swa
+from ramba.parallel.group import active
 
 
 @dataclass
@@ -58,7 +60,10 @@ class SlidingWindowAttention(nn.Module):
         cos, sin = rope_angles(positions, self.head_dim, self.config.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         backend = self.config.swa_backend
-        if state is None:
+        cp = active()
+        if state is None and cp is not None:  # this rank's slice of a sharded sequence (global positions)
+            out = context_parallel_swa(q, k, v, self.config.window, cp.group, backend)
+        elif state is None:
             out = sliding_window_attention(q, k, v, self.config.window, docs, backend)
         else:
             # the state takes the activations' dtype (under autocast: bf16 keys into a cache made for float32)

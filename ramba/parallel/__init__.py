@@ -1,13 +1,17 @@
 """Context parallelism: one sequence sharded across the ranks of a process group, each rank holding a
 contiguous slice [B, L/P, ...] of every row (rank r holds positions r*Lr .. (r+1)*Lr - 1).
 
-Building blocks (ramba.parallel.context), exact against the single-process ops and differentiable:
-`halo_exchange` (the last positions of the previous rank), `all_gather_autograd`, `context_parallel_swa`,
-`context_parallel_conv1d` and `context_parallel_scan`.
+The model: `with context_parallel(group): out = model(ids_slice, labels=labels_slice)`, then
+`out.loss.backward()` and `all_reduce_gradients(model, group)` (ramba.parallel.model says what is sharded and
+what moves between ranks). Building blocks (ramba.parallel.context), exact against the single-process ops and
+differentiable: `halo_exchange` (the last positions of the previous rank), `all_gather_autograd`,
+`context_parallel_swa`, `context_parallel_conv1d` and `context_parallel_scan`.
 """
 
 from .context import (all_gather_autograd, context_parallel_conv1d, context_parallel_scan, context_parallel_swa,
                       halo_exchange)
+from .group import ContextParallel, active, context_parallel
+from .model import all_reduce_gradients
 
-__all__ = ["all_gather_autograd", "context_parallel_conv1d", "context_parallel_scan", "context_parallel_swa",
-           "halo_exchange"]
+__all__ = ["ContextParallel", "active", "all_gather_autograd", "all_reduce_gradients", "context_parallel",
+           "context_parallel_conv1d", "context_parallel_scan", "context_parallel_swa", "halo_exchange"]

@@ -1,0 +1,98 @@
+"""The model under context parallelism: what HSAHybrid's forward does differently when a group is active.
+
+Each rank holds input_ids [B, Lr], the slice r*Lr .. (r+1)*Lr - 1 of every row, with the same Lr on every
+rank and Lr a multiple of chunk_size (no chunk spans two ranks). Then:
+- positions are global (RoPE, retrieval's causality);
+- the local mixers exchange what crosses the slice boundary (ramba.parallel.context);
+- the chunk encoder runs on the rank's own chunks; the landmarks and memory keys/values of all ranks are
+  all-gathered, so every query scores every earlier chunk and reads the selected ones wherever they were
+  encoded. Per layer that moves (P-1)/P of the memory K/V of the sequence to each rank: 2 * num_kv_heads *
+  head_dim values per token, plus one landmark per chunk; the backward all-reduces their gradients;
+- the next-token loss crosses slices too: a rank's last position predicts the next rank's first label, and
+  `out.loss` is the mean over all ranks' targets (its gradient is this rank's share of it).
+After backward, sum the parameters' gradients over the group (`all_reduce_gradients`), as each rank's
+backward holds the part of every gradient that flowed through its slice.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..memory import ChunkMemory
+from .context import _exchange, all_gather_autograd
+from .group import ContextParallel
+
+IGNORE_INDEX = -100
+
+
+def check_inputs(cp: ContextParallel, chunk_size: int, input_ids: torch.Tensor, sharded_docs: bool, cached: bool,
+                 logits_to_keep: int | None, checkpointing: bool) -> None:
+    """Raise ValueError, on every rank, for what the context-parallel forward does not take."""
+    if cached:
+        raise ValueError("context parallelism runs the full forward only (training, scoring): prefill and "
+                         "decoding with a cache are not sharded yet; run the cached path on one process")
+    if sharded_docs:
+        raise ValueError("context parallelism takes one sequence per row: packed documents (doc_ids, "
+                         "cu_seqlens) and padding (attention_mask with zeros) are not sharded yet")
+    if logits_to_keep is not None:
+        raise ValueError("logits_to_keep is not supported under context parallelism: every rank computes the "
+                         "logits of its own slice")
+    if checkpointing:
+        raise ValueError("activation checkpointing recomputes blocks outside the context-parallel forward: turn "
+                         "gradient_checkpointing off under context parallelism (its slices already cut memory)")
+    length = input_ids.shape[1]
+    lengths = torch.tensor([length], device=input_ids.device)
+    everyone = [torch.empty_like(lengths) for _ in range(cp.size)]
+    dist.all_gather(everyone, lengths, group=cp.group)
+    others = [int(n) for n in everyone]
+    if len(set(others)) != 1 or length % chunk_size:
+        raise ValueError(f"context parallelism needs slices of equal length, each a multiple of chunk_size "
+                         f"({chunk_size}), got slice lengths {others}: pad or cut the sequence to a multiple of "
+                         f"{chunk_size * cp.size} tokens (chunk_size x ranks) and give rank r its r-th slice")
+
+
+def global_positions(cp: ContextParallel, length: int, device: torch.device) -> torch.Tensor:
+    """[Lr] positions of this rank's slice in the whole sequence."""
+    return torch.arange(cp.rank * length, (cp.rank + 1) * length, device=device)
+
+
+def gather_memory(memory: ChunkMemory, cp: ContextParallel) -> ChunkMemory:
+    """Every rank's chunks, in sequence order: landmarks [B, P*Cr, Hr, dr], k, v [B, P*Cr*S, H, D]."""
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        parts = all_gather_autograd(t, cp.group)                      # [P, B, n, ...]
+        return parts.transpose(0, 1).reshape(t.shape[0], -1, *t.shape[2:])
+
+    return ChunkMemory(landmarks=gather(memory.landmarks), k=gather(memory.k), v=gather(memory.v))
+
+
+def next_token_targets(labels: torch.Tensor, cp: ContextParallel) -> torch.Tensor:
+    """labels [B, Lr] -> targets [B, Lr]: position t's target labels[t+1], the next rank's first label for
+    the last position, IGNORE_INDEX for the last position of the sequence."""
+    first = labels[:, :1].contiguous()
+    after = torch.full_like(first, IGNORE_INDEX)
+    last = cp.rank + 1 == cp.size
+    _exchange(cp.group, first if cp.rank > 0 else None, cp.rank - 1, None if last else after, cp.rank + 1)
+    return torch.cat([labels[:, 1:], after], dim=1).long()
+
+
+def global_mean_loss(logits: torch.Tensor, targets: torch.Tensor, cp: ContextParallel) -> torch.Tensor:
+    """Mean cross entropy over every rank's targets: the value is the whole sequence's loss, the gradient this
+    rank's share of it (its summed loss over the global count of targets)."""
+    flat = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.shape[-1])
+    local = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    totals = torch.stack([local.detach(), (targets != IGNORE_INDEX).sum().to(local.dtype)])
+    dist.all_reduce(totals, group=cp.group)
+    count = totals[1].clamp(min=1)
+    return local / count + (totals[0] - local.detach()) / count
+
+
+def all_reduce_gradients(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Sum every parameter's gradient over the context-parallel group (after backward, before the optimizer
+    step). Parameters without a gradient on every rank take part with zeros."""
+    for param in model.parameters():
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad, group=group)

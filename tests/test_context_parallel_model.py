@@ -1,0 +1,104 @@
+"""The whole model under context parallelism (ramba.parallel): 2 and 4 gloo processes, each holding a slice of
+every sequence, give the one-process model's logits, loss and every parameter gradient on the full sequence
+(float64), for both mixers and a mix of them, over random lengths, chunk sizes, top-k and windows; bad input
+fails with a clear error on every rank."""
+
+from __future__ import annotations
+
+import datetime
+import random
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ramba import HSAHybrid, HSAHybridConfig
+from ramba.parallel import all_reduce_gradients, context_parallel
+
+MIXERS = ["swa", "mamba2", ["mamba2", "swa", "mamba2"]]
+
+
+def config_for(mixer, chunk: int, topk: int, window: int, residual: str) -> HSAHybridConfig:
+    return HSAHybridConfig(vocab_size=40, d_model=32, n_lower_layers=1, n_upper_layers=2, hsa_every=1,
+                           num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=48, window=window,
+                           d_state=8, mamba_head_dim=16, mamba_chunk_size=16, chunk_size=chunk, topk=topk,
+                           retrieval_dim=8, initializer_range=0.3, local_mixer=mixer, hsa_residual=residual)
+
+
+def check_model(rank: int, size: int, mixer, seed: int) -> None:
+    """One random case (the same on every rank): the sharded forward and backward against one process."""
+    rnd = random.Random(seed)
+    chunk = rnd.choice([16, 32])
+    per_rank = chunk * rnd.randint(1, 3)
+    config = config_for(mixer, chunk, rnd.randint(1, 4), rnd.randint(2, per_rank + 1),
+                        rnd.choice(["standard", "bypass"]))
+    torch.manual_seed(seed)
+    model = HSAHybrid(config).double()
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (2, per_rank * size), generator=gen)
+    labels = ids.masked_fill(torch.rand(ids.shape, generator=gen) < 0.2, -100)  # some ignored targets
+
+    want = model(ids, labels=labels, return_retrieval=True)
+    want.loss.backward()
+    want_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    lo, hi = rank * per_rank, (rank + 1) * per_rank
+    with context_parallel():
+        out = model(ids[:, lo:hi], labels=labels[:, lo:hi], return_retrieval=True)
+        out.loss.backward()
+    all_reduce_gradients(model)
+    what = f"{mixer} seed {seed} ({size} ranks, {config.chunk_size=}, {config.topk=}, {config.window=})"
+    torch.testing.assert_close(out.logits, want.logits[:, lo:hi], rtol=0, atol=1e-9, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(out.loss, want.loss, rtol=0, atol=1e-12, msg=lambda m: f"{what} loss: {m}")
+    for got, expected in zip(out.retrieval, want.retrieval, strict=True):
+        assert torch.equal(got, expected[:, lo:hi]), what
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want_grads[name], rtol=0, atol=1e-9,
+                                   msg=lambda m: f"{what}, gradient of {name}: {m}")
+
+
+def check_bad_input(rank: int, size: int) -> None:
+    config = config_for("swa", 16, 2, 8, "standard")
+    model = HSAHybrid(config).double()
+    ids = torch.randint(0, 40, (1, 32))
+    with context_parallel():
+        with pytest.raises(ValueError, match="slices of equal length, each a multiple of chunk_size"):
+            model(ids[:, :24])                                   # not a multiple of the chunk size
+        with pytest.raises(ValueError, match="slices of equal length"):
+            model(ids[:, :16 * (1 + rank % 2)])                  # ranks disagree on the length
+        with pytest.raises(ValueError, match="packed documents"):
+            model(ids, doc_ids=torch.zeros_like(ids))
+        with pytest.raises(ValueError, match="not sharded yet"):
+            model(ids, cache=model.new_cache(1))
+        model.gradient_checkpointing = True
+        with pytest.raises(ValueError, match="gradient_checkpointing off"):
+            model(ids)
+        model.gradient_checkpointing = False
+        model(ids)                                               # and a good call still works after them
+
+
+def worker(rank: int, size: int, init_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size,
+                            timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    try:
+        for i, mixer in enumerate(MIXERS):
+            for seed in range(2):
+                check_model(rank, size, mixer, 100 * size + 10 * i + seed)
+        check_bad_input(rank, size)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_context_parallel_model_matches_one_process(size, tmp_path):
+    mp.spawn(worker, args=(size, str(tmp_path / "init")), nprocs=size, join=True)
+
+
+def test_context_parallel_needs_torch_distributed():
+    with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
+        with context_parallel():
+            pass
