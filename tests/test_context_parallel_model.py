@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ramba import HSAHybrid, HSAHybridConfig
-from ramba.parallel import all_reduce_gradients, context_parallel
+from ramba.parallel import all_reduce_gradients, context_parallel, loss_and_gradients, reset_traffic, traffic
 
 MIXERS = ["swa", "mamba2", ["mamba2", "swa", "mamba2"]]
 
@@ -45,13 +45,27 @@ def check_model(rank: int, size: int, mixer, seed: int) -> None:
     model.zero_grad(set_to_none=True)
 
     lo, hi = rank * per_rank, (rank + 1) * per_rank
-    with context_parallel():
-        out = model(ids[:, lo:hi], labels=labels[:, lo:hi], return_retrieval=True)
-        out.loss.backward()
-    all_reduce_gradients(model)
+    reset_traffic()
+    if seed % 2:  # the three steps by hand, and through loss_and_gradients
+        with context_parallel():
+            out = model(ids[:, lo:hi], labels=labels[:, lo:hi], return_retrieval=True)
+            out.loss.backward()
+        all_reduce_gradients(model)
+        loss, moved = out.loss, traffic()
+    else:
+        loss = loss_and_gradients(model, ids[:, lo:hi], labels[:, lo:hi])
+        moved = traffic()
+        with torch.no_grad(), context_parallel():
+            out = model(ids[:, lo:hi], return_retrieval=True)
+    if mixer == "swa":  # gathered once a forward: every other rank's landmarks and memory keys and values
+        chunks = 2 * per_rank // config.chunk_size
+        per_chunk = config.num_retrieval_heads * config.retrieval_dim + 2 * config.chunk_size * config.head_dim
+        assert moved["all_gather"] == (size - 1) * chunks * per_chunk * 8
+        halo = 2 * (config.window - 1) * 2 * config.head_dim * 8 * 3  # k and v of 2 rows, 3 SWA layers
+        assert moved["p2p"] == halo * ((rank + 1 < size) + (rank > 0)) + 16 * (rank > 0)  # + the labels
     what = f"{mixer} seed {seed} ({size} ranks, {config.chunk_size=}, {config.topk=}, {config.window=})"
     torch.testing.assert_close(out.logits, want.logits[:, lo:hi], rtol=0, atol=1e-9, msg=lambda m: f"{what}: {m}")
-    torch.testing.assert_close(out.loss, want.loss, rtol=0, atol=1e-12, msg=lambda m: f"{what} loss: {m}")
+    torch.testing.assert_close(loss, want.loss.detach(), rtol=0, atol=1e-12, msg=lambda m: f"{what} loss: {m}")
     for got, expected in zip(out.retrieval, want.retrieval, strict=True):
         assert torch.equal(got, expected[:, lo:hi]), what
     for name, p in model.named_parameters():

@@ -2,16 +2,18 @@
 contiguous slice [B, L/P, ...] of every row (rank r holds positions r*Lr .. (r+1)*Lr - 1).
 
 The model: `with context_parallel(group): out = model(ids_slice, labels=labels_slice)`, then
-`out.loss.backward()` and `all_reduce_gradients(model, group)` (ramba.parallel.model says what is sharded and
+`out.loss.backward()` and `all_reduce_gradients(model, group)`, or all three in `loss_and_gradients` (ramba.parallel.model says what is sharded and
 what moves between ranks). Building blocks (ramba.parallel.context), exact against the single-process ops and
 differentiable: `halo_exchange` (the last positions of the previous rank), `all_gather_autograd`,
-`context_parallel_swa`, `context_parallel_conv1d` and `context_parallel_scan`.
+`context_parallel_swa`, `context_parallel_conv1d` and `context_parallel_scan`; `traffic()` counts the bytes
+they moved.
 """
 
 from .context import (all_gather_autograd, context_parallel_conv1d, context_parallel_scan, context_parallel_swa,
-                      halo_exchange)
+                      halo_exchange, reset_traffic, traffic)
 from .group import ContextParallel, active, context_parallel
-from .model import all_reduce_gradients
+from .model import all_reduce_gradients, loss_and_gradients
 
 __all__ = ["ContextParallel", "active", "all_gather_autograd", "all_reduce_gradients", "context_parallel",
-           "context_parallel_conv1d", "context_parallel_scan", "context_parallel_swa", "halo_exchange"]
+           "context_parallel_conv1d", "context_parallel_scan", "context_parallel_swa", "halo_exchange",
+           "loss_and_gradients", "reset_traffic", "traffic"]

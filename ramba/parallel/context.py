@@ -21,7 +21,26 @@ from torch.autograd import Function
 from ramba.ops import DocIndex, causal_conv1d, sliding_window_attention, ssd_scan
 
 __all__ = ["all_gather_autograd", "context_parallel_conv1d", "context_parallel_scan", "context_parallel_swa",
-           "halo_exchange"]
+           "halo_exchange", "reset_traffic", "traffic"]
+
+
+TRAFFIC: dict[str, int] = {"p2p": 0, "all_gather": 0, "all_reduce": 0}
+
+
+def traffic() -> dict[str, int]:
+    """Bytes this process moved through the collectives of this module since the last `reset_traffic`, by
+    kind: point-to-point messages sent, all-gather bytes received ((P-1) parts) and all-reduce bytes sent
+    (2 (P-1)/P of the tensor, a ring all-reduce's share). A model for the benchmarks, not a network counter."""
+    return dict(TRAFFIC)
+
+
+def reset_traffic() -> None:
+    for kind in TRAFFIC:
+        TRAFFIC[kind] = 0
+
+
+def _bytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _rank_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -41,6 +60,7 @@ def _exchange(group: dist.ProcessGroup | None, send: Tensor | None, send_to: int
     None), as one batch of point-to-point ops, and wait for both."""
     ops = []
     if send is not None:
+        TRAFFIC["p2p"] += _bytes(send)
         ops.append(dist.P2POp(dist.isend, send, _peer(group, send_to), group))
     if recv is not None:
         ops.append(dist.P2POp(dist.irecv, recv, _peer(group, recv_from), group))
@@ -109,12 +129,15 @@ class _AllGather(Function):
         ctx.group, ctx.rank = group, rank
         parts = [torch.empty_like(x) for _ in range(size)]
         dist.all_gather(parts, x.contiguous(), group=group)
+        TRAFFIC["all_gather"] += (size - 1) * _bytes(x)
         return torch.stack(parts)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        size = grad.shape[0]
+        TRAFFIC["all_reduce"] += 2 * (size - 1) * _bytes(grad) // size
         return grad[ctx.rank], None
 
 

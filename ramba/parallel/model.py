@@ -23,7 +23,7 @@ from torch import nn
 
 from ..memory import ChunkMemory
 from .context import _exchange, all_gather_autograd
-from .group import ContextParallel
+from .group import ContextParallel, context_parallel
 
 IGNORE_INDEX = -100
 
@@ -96,3 +96,16 @@ def all_reduce_gradients(model: nn.Module, group: dist.ProcessGroup | None = Non
         if param.grad is None:
             param.grad = torch.zeros_like(param)
         dist.all_reduce(param.grad, group=group)
+
+
+def loss_and_gradients(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                       group: dist.ProcessGroup | None = None, **forward_kwargs) -> torch.Tensor:
+    """One forward and backward of this rank's slice under context parallelism, then the gradients summed
+    over the group: afterwards every rank holds the one-process gradients of the whole sequence's mean loss,
+    ready for the optimizer. input_ids, labels: [B, Lr], this rank's slice. Returns the (detached) loss of
+    the whole sequence; `forward_kwargs` go to the model (e.g. nothing, or return_retrieval)."""
+    with context_parallel(group):
+        loss = model(input_ids, labels=labels, **forward_kwargs).loss
+        loss.backward()
+    all_reduce_gradients(model, group)
+    return loss.detach()

@@ -1,0 +1,18 @@
+"""benchmarks.context_parallel end to end on CPU processes (gloo): one process and two, a table with traffic."""
+
+from __future__ import annotations
+
+from benchmarks import context_parallel
+
+
+def test_context_parallel_benchmark_runs_and_reports(tmp_path):
+    out = tmp_path / "cp.md"
+    context_parallel.main(["--ranks", "1,2", "--mixers", "swa", "--lengths", "256", "--steps", "1",
+                           "--out", str(out)])
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| tiny swa")]
+    assert [int(r[2]) for r in rows] == [1, 2]
+    one, two = rows
+    assert int(one[7].replace(",", "")) == 0  # one process moves nothing
+    # two ranks: at least the gathered memory of the other rank (keys and values of 2 chunks of 64 tokens,
+    # float32) over 256 tokens, in each of the forward and the backward
+    assert int(two[7].replace(",", "")) >= 2 * (2 * 64 * 64 * 4) * 2 // 256
