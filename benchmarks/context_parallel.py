@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{args.preset} {mixer} {length:,} tokens on {size}: {step_s * 1e3:.0f} ms", flush=True)
     rows = ["| model | tokens | ranks | step ms | tokens/s | vs 1 rank | peak GiB per rank | bytes moved per token "
             "per rank |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for (mixer, length, size), (step_s, per_token, gib) in sorted(results.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+    for (mixer, length, size), (step_s, per_token, gib) in sorted(results.items()):
         base = results.get((mixer, length, 1))
         speedup = f"{base[0] / step_s:.2f}" if base else "-"
         rows.append(f"| {args.preset} {mixer} | {length:,} | {size} | {step_s * 1e3:.0f} | "
