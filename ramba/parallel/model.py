@@ -91,11 +91,18 @@ def global_mean_loss(logits: torch.Tensor, targets: torch.Tensor, cp: ContextPar
 
 def all_reduce_gradients(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
     """Sum every parameter's gradient over the context-parallel group (after backward, before the optimizer
-    step). Parameters without a gradient on every rank take part with zeros."""
+    step), one all-reduce per gradient dtype and device. Parameters without a gradient on every rank take part
+    with zeros."""
+    buckets: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for param in model.parameters():
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-        dist.all_reduce(param.grad, group=group)
+        buckets.setdefault((param.grad.dtype, param.grad.device), []).append(param.grad)
+    for grads in buckets.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        for grad, summed in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(summed.view_as(grad))
 
 
 def loss_and_gradients(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
