@@ -36,6 +36,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     "mamba2-horizon": {**BASE, "local_mixer": "mamba2", "mamba_horizon": 32},
     # SWA below the memory (chunk encoder input, landmarks), Mamba2 in the upper blocks
     "mamba2-upper": {**BASE, "local_mixer": ["swa", "swa", "mamba2", "mamba2"]},
+    # the converse: Mamba2 below the memory (landmarks read its states), SWA in the upper blocks
+    "mamba2-lower": {**BASE, "local_mixer": ["mamba2", "mamba2", "swa", "swa"]},
 }
 
 

@@ -23,7 +23,8 @@ def test_every_variant_is_a_valid_config_that_differs_from_base_in_its_name_only
     expected = {"base": set(), "mean": {"landmark"}, "mean-encoder-0": {"landmark", "encoder_layers"},
                 "encoder-2": {"encoder_layers"}, "bypass": {"hsa_residual"}, "topk-64": {"topk"},
                 "mixer-only": {"use_hsa"}, "dense": {"use_hsa", "window"}, "mamba2": {"local_mixer"},
-                "mamba2-horizon": {"local_mixer", "mamba_horizon"}, "mamba2-upper": {"local_mixer"}}
+                "mamba2-horizon": {"local_mixer", "mamba_horizon"}, "mamba2-upper": {"local_mixer"},
+                "mamba2-lower": {"local_mixer"}}
     assert changed == expected[name]
 
 
