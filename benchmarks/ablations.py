@@ -38,6 +38,10 @@ VARIANTS: dict[str, dict[str, object]] = {
     "mamba2-upper": {**BASE, "local_mixer": ["swa", "swa", "mamba2", "mamba2"]},
     # the converse: Mamba2 below the memory (landmarks read its states), SWA in the upper blocks
     "mamba2-lower": {**BASE, "local_mixer": ["mamba2", "mamba2", "swa", "swa"]},
+    # a horizon well inside the training prompts (160-640 tokens): states at any length look like in training
+    "mamba2-horizon-128": {**BASE, "local_mixer": "mamba2", "mamba_horizon": 128},
+    # landmarks from SWA blocks and retrieval queries from Mamba2 blocks whose states cannot drift
+    "mamba2-upper-horizon": {**BASE, "local_mixer": ["swa", "swa", "mamba2", "mamba2"], "mamba_horizon": 128},
 }
 
 

@@ -42,13 +42,13 @@ def drift(model: HSAHybrid, length: int, segment: int, seed: int, device: torch.
     cache = model.new_cache(1)
     state_norms: dict[int, float] = {}
     spans = buckets(length)
-    for start in range(0, length, segment):
-        end = min(start + segment, length)
+    ends = {hi for _, hi in spans}
+    cuts = sorted(ends | set(range(segment, length, segment)) | {length})  # read states exactly at bucket ends
+    for start, end in zip([0] + cuts[:-1], cuts):
         model(ids[:, start:end], cache=cache, logits_to_keep=0)
-        for _, hi in spans:
-            if start < hi <= end:
-                ssm = [s.ssm.float().norm().item() for s in cache.states if isinstance(s, Mamba2State)]
-                state_norms[hi] = sum(ssm) / len(ssm) if ssm else float("nan")
+        if end in ends:
+            ssm = [s.ssm.float().norm().item() for s in cache.states if isinstance(s, Mamba2State)]
+            state_norms[end] = sum(ssm) / len(ssm) if ssm else float("nan")
     chunks = cache.store.landmarks[0, :int(cache.store.count[0])].float().flatten(1)  # [C, Hr*dr]
     rows, reference = [], None
     for lo, hi in spans:

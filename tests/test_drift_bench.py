@@ -6,6 +6,7 @@ import torch
 
 from benchmarks import drift
 from ramba import HSAHybrid, HSAHybridConfig
+from ramba.layers.mamba2 import Mamba2State
 
 
 def test_buckets_grow_by_four_and_end_at_the_length():
@@ -35,3 +36,9 @@ def test_drift_table_matches_an_uncached_forward(tmp_path):
     norms = captured[0][0].flatten(1).norm(dim=1)  # [32 chunks]
     for row, (lo, hi) in zip(rows, [(0, 16), (16, 32)]):
         assert abs(float(row[2]) - norms[lo:hi].mean().item()) < 2e-3
+    for row, end in zip(rows, [1024, 2048]):  # the state is read at the bucket's end, not at a segment's
+        cache = model.new_cache(1)
+        with torch.no_grad():
+            model(ids[:, :end], cache=cache, logits_to_keep=0)
+        states = [s.ssm.norm().item() for s in cache.states if isinstance(s, Mamba2State)]
+        assert abs(float(row[4]) - sum(states) / len(states)) < 2e-3
