@@ -91,7 +91,8 @@ class HSAHybridConfig:
     n_groups: int = 1
     mamba_chunk_size: int = 64
     # tokens within which every Mamba2 head forgets at least a factor e (0: no bound), so that its state at
-    # any length looks like its state in training: a soft window for the recurrent mixer
+    # any length looks like its state in training: a soft window for the recurrent mixer (the decay is bounded;
+    # each token's weight in the state is unchanged)
     mamba_horizon: int = 0
     # chunk memory and retrieval (use_hsa=False: the same stack with plain blocks only, the mixer-only baseline)
     use_hsa: bool = True

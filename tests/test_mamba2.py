@@ -203,17 +203,46 @@ def test_compiled_backend_matches_reference():
     torch.testing.assert_close(cached(fast), whole, rtol=1e-9, atol=1e-9)
 
 
-def test_horizon_bounds_every_heads_decay():
-    """With mamba_horizon H, exp(dt * A) <= exp(-1/H) for every token and head, and H=0 leaves dt as it was."""
+def horizon_recurrence(layer: Mamba2, xs, raw_dt, B, C) -> torch.Tensor:
+    """The SSM of a layer with a horizon H, token by token from its definition: h_t = exp(a_t) h_{t-1} +
+    dt_t B_t x_t^T with a_t = (dt_t + 1 / (H |A|)) A, y_t = C_t h_t + D x_t (one group)."""
+    A = -layer.A_log.exp()
+    dt = F.softplus(raw_dt + layer.dt_bias)
+    h = xs.new_zeros(xs.shape[0], xs.shape[2], xs.shape[3], B.shape[-1])
+    ys = []
+    for t in range(xs.shape[1]):
+        decay = ((dt[:, t] + 1 / (layer.horizon * -A)) * A).exp()                        # [b, h]
+        h = decay[..., None, None] * h + dt[:, t, :, None, None] * xs[:, t, ..., None] * B[:, t, None, None, :]
+        ys.append(torch.einsum("bhpn,bn->bhp", h, C[:, t]) + layer.D[:, None] * xs[:, t])
+    return torch.stack(ys, dim=1)
+
+
+@settings(max_examples=8, deadline=None)
+@given(l=st.integers(1, 30), seed=st.integers(0, 2**31 - 1))
+def test_horizon_scan_equals_its_recurrence(l, seed):
+    """With mamba_horizon the decay is bounded and each token still enters the state with weight dt."""
+    gen = torch.Generator().manual_seed(seed)
+    layer = make_layer(seed % 7, mamba_horizon=5, n_groups=1)
+    h, p, n = layer.nheads, layer.headdim, layer.d_state
+    xs = torch.randn(2, l, h, p, generator=gen, dtype=torch.float64)
+    raw = torch.randn(2, l, h, generator=gen, dtype=torch.float64) * 3 - 4  # slow heads: the bound matters
+    B, C = (torch.randn(2, l, 1, n, generator=gen, dtype=torch.float64) for _ in range(2))
+    xin, dt, A, D = layer._scan_inputs(xs, raw, torch.float64)
+    y = layer._skip(ssd_scan(xin, dt, A, B, C, 8, D, backend="torch"), xs)
+    with torch.no_grad():
+        torch.testing.assert_close(y, horizon_recurrence(layer, xs, raw, B[:, :, 0], C[:, :, 0]), rtol=1e-9, atol=1e-9)
+    assert ((dt * A).exp() <= math.exp(-1 / 5) + 1e-12).all()
+
+
+def test_no_horizon_leaves_the_scan_inputs_as_mamba_ssm_has_them():
     gen = torch.Generator().manual_seed(3)
-    raw = torch.randn(2, 9, 8, generator=gen, dtype=torch.float64) * 4 - 6  # softplus of these is tiny
-    free, bounded = make_layer(), make_layer(mamba_horizon=40)
-    dt_free, A = free._steps(raw, torch.float64)
-    dt_bounded, A_bounded = bounded._steps(raw, torch.float64)
-    torch.testing.assert_close(A_bounded, A)
-    torch.testing.assert_close(dt_free, F.softplus(raw + free.dt_bias))
-    assert ((dt_free * A).exp() > math.exp(-1 / 40)).any()  # some head remembers longer than 40 tokens
-    assert ((dt_bounded * A).exp() <= math.exp(-1 / 40) + 1e-12).all()
+    layer = make_layer()
+    xs = torch.randn(2, 9, layer.nheads, layer.headdim, generator=gen, dtype=torch.float64)
+    raw = torch.randn(2, 9, layer.nheads, generator=gen, dtype=torch.float64)
+    xin, dt, A, D = layer._scan_inputs(xs, raw, torch.float64)
+    assert xin is xs and D is layer.D
+    torch.testing.assert_close(dt, F.softplus(raw + layer.dt_bias))
+    torch.testing.assert_close(A, -layer.A_log.exp())
 
 
 @pytest.mark.parametrize("horizon", [0, 4])

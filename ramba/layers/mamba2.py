@@ -114,23 +114,34 @@ class Mamba2(nn.Module):
                                           backend=self.backend)
         xbc = F.silu(xbc)
         xs, B, C = torch.split(xbc, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        dt, A = self._steps(dt, torch.promote_types(dt.dtype, torch.float32))  # float32 (float64 for float64)
-        scan_args = (xs.reshape(b, l, self.nheads, self.headdim), dt, A, B.reshape(b, l, self.ngroups, self.d_state),
-                     C.reshape(b, l, self.ngroups, self.d_state), self.chunk_size, self.D, docs)
+        xs = xs.reshape(b, l, self.nheads, self.headdim)
+        xin, dt, A, D = self._scan_inputs(xs, dt, torch.promote_types(dt.dtype, torch.float32))  # float32 (64)
+        scan_args = (xin, dt, A, B.reshape(b, l, self.ngroups, self.d_state),
+                     C.reshape(b, l, self.ngroups, self.d_state), self.chunk_size, D, docs)
         if cp is None:
             y = ssd_scan(*scan_args, backend=self.backend)
         else:
             y = context_parallel_scan(*scan_args, cp.group, backend=self.backend)
-        return self.out_proj(self.norm(y.reshape(b, l, self.d_inner), z))
+        return self.out_proj(self.norm(self._skip(y, xs).reshape(b, l, self.d_inner), z))
 
-    def _steps(self, dt: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """dt [b, l, h] (in_proj's) -> (the positive steps [b, l, h], A [h] < 0) in `dtype`. With a horizon H,
-        each step grows by 1 / (H |A|), so that every head's decay exp(dt A) is at most exp(-1 / H) a token."""
+    def _scan_inputs(self, xs: Tensor, dt: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """xs [b, l, h, p] and in_proj's dt [b, l, h] -> (x, dt, A, D) for `ssd_scan`: dt = softplus(dt + dt_bias)
+        in `dtype`, A = -exp(A_log) [h]. With a horizon H the decay uses dt + 1 / (H |A|), so that every head
+        forgets at least a factor e^(-1/H) a token, and x is scaled by dt / (dt + 1 / (H |A|)) so that each token
+        still enters the state with weight dt: a shorter memory, not a louder one. D is then None: `_skip` adds
+        D * xs outside the scan (the skip reads the unscaled input)."""
         A = -torch.exp(self.A_log.to(dtype))
         dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))
-        if self.horizon:
-            dt = dt + 1.0 / (self.horizon * -A)
-        return dt, A
+        if not self.horizon:
+            return xs, dt, A, self.D
+        decay_dt = dt + 1.0 / (self.horizon * -A)
+        return xs * (dt / decay_dt).unsqueeze(-1).to(xs.dtype), decay_dt, A, None
+
+    def _skip(self, y: Tensor, xs: Tensor) -> Tensor:
+        """y [b, l, h, p] plus D * xs where the scan left the skip out (a horizon); y's dtype."""
+        if not self.horizon:
+            return y
+        return (y + self.D.to(y.dtype)[:, None] * xs).to(y.dtype)
 
     def _forward_cached(self, x: Tensor, state: Mamba2State, valid: Tensor | None) -> Tensor:
         """The segment x continues from `state` (updated in place)."""
@@ -144,8 +155,8 @@ class Mamba2(nn.Module):
                                          initial_state=state.conv, return_final_state=True, backend=self.backend)
         xs, B, C = torch.split(F.silu(conv), [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state],
                                dim=-1)
-        dt, A = self._steps(dt, state.ssm.dtype)
         xs, B, C = xs.reshape(b, l, self.nheads, self.headdim), B.reshape(b, l, self.ngroups, -1), C.reshape(b, l, self.ngroups, -1)
-        y, state.ssm = ssd_scan(xs, dt, A, B, C, self.chunk_size, self.D, seq_start, initial_state=state.ssm,
+        xin, dt, A, D = self._scan_inputs(xs, dt, state.ssm.dtype)
+        y, state.ssm = ssd_scan(xin, dt, A, B, C, self.chunk_size, D, seq_start, initial_state=state.ssm,
                                 return_final_state=True, backend=self.backend)
-        return self.out_proj(self.norm(y.reshape(b, l, self.d_inner), z))
+        return self.out_proj(self.norm(self._skip(y, xs).reshape(b, l, self.d_inner), z))
