@@ -42,6 +42,11 @@ VARIANTS: dict[str, dict[str, object]] = {
     "mamba2-horizon-128": {**BASE, "local_mixer": "mamba2", "mamba_horizon": 128},
     # landmarks from SWA blocks and retrieval queries from Mamba2 blocks whose states cannot drift
     "mamba2-upper-horizon": {**BASE, "local_mixer": ["swa", "swa", "mamba2", "mamba2"], "mamba_horizon": 128},
+    # Mamba2 below the memory restarts its state at every 64-token chunk (chunk-local, as the chunk encoder is):
+    # landmarks and retrieval queries read no state older than a chunk; the upper Mamba2 blocks are unbounded
+    "mamba2-reset": {**BASE, "local_mixer": "mamba2", "mamba_reset": 64},
+    # the same, and every head (upper ones included) forgets within 128 tokens
+    "mamba2-reset-horizon": {**BASE, "local_mixer": "mamba2", "mamba_reset": 64, "mamba_horizon": 128},
 }
 
 

@@ -25,7 +25,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE_INTS = ("vocab_size", "d_model", "num_heads", "num_kv_heads", "head_dim", "window", "d_state", "d_conv",
                  "expand", "mamba_head_dim", "n_groups", "mamba_chunk_size", "chunk_size", "retrieval_dim",
                  "hsa_every")
-NON_NEGATIVE_INTS = ("n_lower_layers", "n_upper_layers", "encoder_layers", "intermediate_size", "mamba_horizon")
+NON_NEGATIVE_INTS = ("n_lower_layers", "n_upper_layers", "encoder_layers", "intermediate_size", "mamba_horizon",
+                     "mamba_reset")
 BOOLS = ("plain_block_mlp", "use_hsa", "retrieve_beyond_window", "softmax_off_by_one", "tie_embeddings")
 POSITIVE_FLOATS = ("rope_theta", "norm_eps")
 NON_NEGATIVE_FLOATS = ("gumbel_noise", "initializer_range")
@@ -94,6 +95,10 @@ class HSAHybridConfig:
     # any length looks like its state in training: a soft window for the recurrent mixer (the decay is bounded;
     # each token's weight in the state is unchanged)
     mamba_horizon: int = 0
+    # Mamba2 blocks below the memory restart their SSM state every this many tokens of a document (0: never);
+    # chunk_size makes them chunk-local like the chunk encoder: landmarks and retrieval queries then never read
+    # a state older than one chunk, at any length (the 4-tap conv still reads across the restart)
+    mamba_reset: int = 0
     # chunk memory and retrieval (use_hsa=False: the same stack with plain blocks only, the mixer-only baseline)
     use_hsa: bool = True
     chunk_size: int = 64

@@ -9,7 +9,8 @@ from ramba import HSAHybrid
 from ramba.ops.ssd import ssd_scan, ssd_step
 from test_model import small_config
 
-MIXERS = ["swa", "mamba2", ["mamba2", "swa", "swa"]]  # the last one has an all-SWA upper stack: the shortcut
+# the third has an all-SWA upper stack (the shortcut); the last restarts its lower Mamba2 state every 11 tokens
+MIXERS = ["swa", "mamba2", ["mamba2", "swa", "swa"], "mamba2-reset"]
 MODELS: dict[str, HSAHybrid] = {}
 
 
@@ -17,7 +18,9 @@ def model_for(mixer) -> HSAHybrid:
     key = str(mixer)
     if key not in MODELS:
         torch.manual_seed(0)
-        MODELS[key] = HSAHybrid(small_config(local_mixer=mixer)).double().eval()
+        config = (small_config(local_mixer="mamba2", mamba_reset=11) if mixer == "mamba2-reset"
+                  else small_config(local_mixer=mixer))
+        MODELS[key] = HSAHybrid(config).double().eval()
     return MODELS[key]
 
 

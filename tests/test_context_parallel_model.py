@@ -19,11 +19,12 @@ from ramba.parallel import all_reduce_gradients, context_parallel, loss_and_grad
 MIXERS = ["swa", "mamba2", ["mamba2", "swa", "mamba2"]]
 
 
-def config_for(mixer, chunk: int, topk: int, window: int, residual: str) -> HSAHybridConfig:
+def config_for(mixer, chunk: int, topk: int, window: int, residual: str, reset: int = 0) -> HSAHybridConfig:
     return HSAHybridConfig(vocab_size=40, d_model=32, n_lower_layers=1, n_upper_layers=2, hsa_every=1,
                            num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=48, window=window,
                            d_state=8, mamba_head_dim=16, mamba_chunk_size=16, chunk_size=chunk, topk=topk,
-                           retrieval_dim=8, initializer_range=0.3, local_mixer=mixer, hsa_residual=residual)
+                           retrieval_dim=8, initializer_range=0.3, local_mixer=mixer, hsa_residual=residual,
+                           mamba_reset=reset)
 
 
 def check_model(rank: int, size: int, mixer, seed: int) -> None:
@@ -32,7 +33,7 @@ def check_model(rank: int, size: int, mixer, seed: int) -> None:
     chunk = rnd.choice([16, 32])
     per_rank = chunk * rnd.randint(1, 3)
     config = config_for(mixer, chunk, rnd.randint(1, 4), rnd.randint(2, per_rank + 1),
-                        rnd.choice(["standard", "bypass"]))
+                        rnd.choice(["standard", "bypass"]), reset=0 if seed % 2 else 7)  # reset: lower Mamba2
     torch.manual_seed(seed)
     model = HSAHybrid(config).double()
     gen = torch.Generator().manual_seed(seed)
@@ -63,7 +64,8 @@ def check_model(rank: int, size: int, mixer, seed: int) -> None:
         assert moved["all_gather"] == (size - 1) * chunks * per_chunk * 8
         halo = 2 * (config.window - 1) * 2 * config.head_dim * 8 * 3  # k and v of 2 rows, 3 SWA layers
         assert moved["p2p"] == halo * ((rank + 1 < size) + (rank > 0)) + 16 * (rank > 0)  # + the labels
-    what = f"{mixer} seed {seed} ({size} ranks, {config.chunk_size=}, {config.topk=}, {config.window=})"
+    what = (f"{mixer} seed {seed} ({size} ranks, {config.chunk_size=}, {config.topk=}, {config.window=}, "
+            f"{config.mamba_reset=})")
     torch.testing.assert_close(out.logits, want.logits[:, lo:hi], rtol=0, atol=1e-9, msg=lambda m: f"{what}: {m}")
     torch.testing.assert_close(loss, want.loss.detach(), rtol=0, atol=1e-12, msg=lambda m: f"{what} loss: {m}")
     for got, expected in zip(out.retrieval, want.retrieval, strict=True):

@@ -14,6 +14,7 @@ from ramba.config import HSAHybridConfig
 from ramba.layers.mamba2 import GatedRMSNorm, Mamba2
 from ramba.ops.backends import MAMBA_KINDS, unusable
 from ramba.ops.ssd import causal_conv1d, causal_conv1d_ref, ssd_scan
+from ramba.ops.utils import as_doc_index
 from ramba.ops.utils import starts_from_ids as doc_starts
 
 HAS_CUDA_PATH = torch.cuda.is_available() and all(unusable(kind, "cuda") is None for kind in MAMBA_KINDS)
@@ -273,3 +274,58 @@ def test_horizon_cached_path_equals_full_forward(l, cut, seed):
     state = layer.allocate_inference_cache(2, x.device, x.dtype)
     pieces = [layer(x[:, :cut], state=state)] + [layer(x[:, t:t + 1], state=state) for t in range(cut, l)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), layer(x), rtol=1e-9, atol=1e-9)
+
+
+def restarts_reference(doc_ids: torch.Tensor, reset: int) -> list[list[bool]]:
+    """Where a reset layer's state restarts, by counting: each document's tokens 0, R, 2R, ..."""
+    out = []
+    for row in doc_ids.tolist():
+        flags, offset = [], 0
+        for t, doc in enumerate(row):
+            offset = 0 if t == 0 or doc != row[t - 1] else offset + 1
+            flags.append(offset % reset == 0)
+        out.append(flags)
+    return out
+
+
+@settings(max_examples=10, deadline=None)
+@given(l=st.integers(1, 40), reset=st.integers(1, 9), doc_prob=st.sampled_from([0.0, 0.1, 0.3]),
+       seed=st.integers(0, 2**31 - 1))
+def test_reset_restarts_every_r_tokens_of_each_document(l, reset, doc_prob, seed):
+    gen = torch.Generator().manual_seed(seed)
+    layer = make_layer(mamba_reset=reset, n_lower_layers=1)
+    doc_ids = random_doc_ids(gen, 3, l, doc_prob)
+    docs = as_doc_index(doc_ids if doc_prob else None)
+    restart = layer._restarts(docs, 3, l, None, torch.device("cpu"))
+    assert restart.tolist() == restarts_reference(doc_ids if doc_prob else torch.zeros(3, l), reset)
+    assert layer._restarts(None, 3, l, torch.arange(100, 100 + l), torch.device("cpu")).tolist() == \
+        [[(100 + t) % reset == 0 for t in range(l)]] * 3
+
+
+@settings(max_examples=8, deadline=None)
+@given(l=st.integers(2, 45), reset=st.integers(3, 12), seed=st.integers(0, 2**31 - 1))
+def test_reset_layer_equals_chunk_by_chunk_scans(l, reset, seed):
+    """A layer below the memory with mamba_reset R equals the same weights run R tokens at a time from a zero
+    SSM state, each piece's conv reading the inputs before it (the cached form of a layer without a reset)."""
+    gen = torch.Generator().manual_seed(seed)
+    layer = make_layer(seed % 5, mamba_reset=reset, n_lower_layers=1)
+    plain = make_layer(seed % 5, n_lower_layers=1)
+    x = torch.randn(2, l, 32, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        xbc = plain.in_proj(x)[..., plain.d_inner:plain.d_inner + plain.conv1d.in_channels]
+        k = plain.conv1d.kernel_size[0] - 1
+        pieces = []
+        for s in range(0, l, reset):
+            state = plain.allocate_inference_cache(2, x.device, x.dtype)
+            before = xbc[:, max(0, s - k):s]
+            state.conv[:, k - before.shape[1]:] = before
+            pieces.append(plain(x[:, s:s + reset], state=state))
+        torch.testing.assert_close(layer(x), torch.cat(pieces, dim=1), rtol=1e-9, atol=1e-9)
+
+
+def test_reset_applies_below_the_memory_only():
+    config = make_config(n_lower_layers=2, n_upper_layers=2, mamba_reset=64)
+    assert [Mamba2(config, i).reset for i in range(4)] == [64, 64, 0, 0]
+    with pytest.raises(ValueError, match="positions"):
+        layer = Mamba2(config, 0)
+        layer(torch.randn(1, 3, 32), state=layer.allocate_inference_cache(1, torch.device("cpu"), torch.float32))

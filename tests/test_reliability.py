@@ -36,7 +36,7 @@ FIELD_KINDS = {
     **dict.fromkeys(["vocab_size", "d_model", "num_heads", "num_kv_heads", "head_dim", "window", "d_state",
                      "d_conv", "expand", "mamba_head_dim", "n_groups", "mamba_chunk_size", "chunk_size",
                      "retrieval_dim", "hsa_every", "topk"], "positive_int"),
-    **dict.fromkeys(["n_lower_layers", "encoder_layers", "mamba_horizon"], "non_negative_int"),
+    **dict.fromkeys(["n_lower_layers", "encoder_layers", "mamba_horizon", "mamba_reset"], "non_negative_int"),
     **dict.fromkeys(["plain_block_mlp", "use_hsa", "retrieve_beyond_window", "softmax_off_by_one",
                      "tie_embeddings"], "bool"),
     **dict.fromkeys(["rope_theta", "norm_eps"], "positive_float"),

@@ -52,7 +52,8 @@ class Mamba2(nn.Module):
     """Mamba2 mixer: in_proj -> causal conv + silu -> SSD scan -> gated RMSNorm -> out_proj.
 
     x: [B, L, d_model], docs: optional documents (int ids [B, L], contiguous runs of equal id are documents
-    that never interact, or a DocIndex) -> [B, L, d_model]. Its ops (`ramba.ops.causal_conv1d`, `ssd_scan`,
+    that never interact, or a DocIndex) -> [B, L, d_model]. Below the memory, `config.mamba_reset` restarts
+    the SSM state every that many tokens of a document. Its ops (`ramba.ops.causal_conv1d`, `ssd_scan`,
     `gated_rms_norm`) run on `config.mamba_backend`.
     """
 
@@ -67,6 +68,7 @@ class Mamba2(nn.Module):
         self.ngroups = config.n_groups
         self.chunk_size = config.mamba_chunk_size
         self.horizon = config.mamba_horizon
+        self.reset = config.mamba_reset if layer_idx < config.n_lower_layers else 0
         self.backend = config.mamba_backend
         conv_dim = self.d_inner + 2 * self.ngroups * self.d_state
 
@@ -100,7 +102,7 @@ class Mamba2(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"Mamba2: x must be [B, L, d_model={self.d_model}], got shape {tuple(x.shape)}")
         if state is not None:
-            return self._forward_cached(x, state, valid)
+            return self._forward_cached(x, state, positions, valid)
         docs = as_doc_index(docs)
         if docs is not None and docs.shape != x.shape[:2]:
             raise ValueError(f"Mamba2: doc_ids must be [B, L] = {tuple(x.shape[:2])}, got shape {tuple(docs.shape)}")
@@ -117,12 +119,30 @@ class Mamba2(nn.Module):
         xs = xs.reshape(b, l, self.nheads, self.headdim)
         xin, dt, A, D = self._scan_inputs(xs, dt, torch.promote_types(dt.dtype, torch.float32))  # float32 (64)
         scan_args = (xin, dt, A, B.reshape(b, l, self.ngroups, self.d_state),
-                     C.reshape(b, l, self.ngroups, self.d_state), self.chunk_size, D, docs)
+                     C.reshape(b, l, self.ngroups, self.d_state), self.chunk_size, D,
+                     self._restarts(docs, b, l, positions, x.device))
         if cp is None:
             y = ssd_scan(*scan_args, backend=self.backend)
         else:
             y = context_parallel_scan(*scan_args, cp.group, backend=self.backend)
         return self.out_proj(self.norm(self._skip(y, xs).reshape(b, l, self.d_inner), z))
+
+    def _restarts(self, docs: DocIndex | None, b: int, l: int, positions: Tensor | None,
+                  device: torch.device) -> DocIndex | Tensor | None:
+        """Where the scan's state restarts: the documents' starts, and with a reset R every token whose position
+        in its document is a multiple of R (bool [b, l]). positions [l]: the tokens' positions (a rank's slice of
+        one sequence under context parallelism; default 0 .. l-1 in each document)."""
+        if not self.reset:
+            return docs
+        index = torch.arange(l, device=device)
+        if positions is not None:
+            offsets = positions.expand(b, l)
+        elif docs is None:
+            offsets = index.expand(b, l)
+        else:
+            offsets = index - torch.where(docs.starts, index, 0).cummax(dim=1).values
+        restart = offsets % self.reset == 0
+        return restart if docs is None else restart | docs.starts
 
     def _scan_inputs(self, xs: Tensor, dt: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """xs [b, l, h, p] and in_proj's dt [b, l, h] -> (x, dt, A, D) for `ssd_scan`: dt = softplus(dt + dt_bias)
@@ -143,14 +163,24 @@ class Mamba2(nn.Module):
             return y
         return (y + self.D.to(y.dtype)[:, None] * xs).to(y.dtype)
 
-    def _forward_cached(self, x: Tensor, state: Mamba2State, valid: Tensor | None) -> Tensor:
-        """The segment x continues from `state` (updated in place)."""
+    def _forward_cached(self, x: Tensor, state: Mamba2State, positions: Tensor | None,
+                        valid: Tensor | None) -> Tensor:
+        """The segment x continues from `state` (updated in place); positions [B, L] (needed with a reset)."""
         b, l, _ = x.shape
         z, xbc, dt = torch.split(self.in_proj(x), [self.d_inner, self.conv1d.in_channels, self.nheads], dim=-1)
         seq_start = None
         if valid is not None:  # padding feeds zeros to the conv and the state restarts at the first token
             xbc = xbc * valid[..., None].to(xbc.dtype)
             seq_start = valid & F.pad(~valid[:, :-1], (1, 0), value=False)
+        if self.reset:
+            if positions is None:
+                raise ValueError("Mamba2 with mamba_reset needs the tokens' positions [B, L] in the cached form")
+            restart = positions % self.reset == 0
+            restart = restart if valid is None else restart & valid
+            if l == 1:  # a decoded token: drop the state where it restarts (keeps the one-step recurrence)
+                state.ssm = torch.where(restart[:, 0, None, None, None], 0.0, state.ssm)
+            else:
+                seq_start = restart if seq_start is None else seq_start | restart
         conv, state.conv = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                          initial_state=state.conv, return_final_state=True, backend=self.backend)
         xs, B, C = torch.split(F.silu(conv), [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state],
