@@ -4,8 +4,9 @@
 # at 4K-1M, then benchmarks.probe and benchmarks.drift on each model.
 # Run from the repository root: bash benchmarks/results/raw/generalization/mamba2_2026-12-05/m2.sh
 # (STEPS_N, LIMIT_S, LENGTHS and DEVICE shrink it for a CPU dry run). Outputs: $OUT/$RUN.tar.gz, $OUT/model-*.safetensors.
-# The third call (mamba_horizon bounding the decay only, 20 prompts a cell): RUN=m3 DEPTHS=0,0.25,0.5,0.75,1 SAMPLES=4
-#   VARIANTS="mamba2 mamba2-horizon mamba2-horizon-128 mamba2-upper-horizon" bash .../m2.sh
+# The third call (2026-12-06; mamba_horizon bounding the decay only, mamba_reset, 20 prompts a cell): RUN=m3
+#   DEPTHS=0,0.25,0.5,0.75,1 SAMPLES=4 LIMIT_S=500 BUDGET_S=560 DRIFT_LENGTH=64k
+#   VARIANTS="mamba2 mamba2-horizon-128 mamba2-upper-horizon mamba2-reset mamba2-reset-horizon" bash .../m2.sh
 set -u
 run="${RUN:-m2}"; out="${OUT:-out}"; runs=runs/$run; mkdir -p "$runs" "$out"
 [ -n "${DEVICE:-}" ] || source benchmarks/device_setup.sh
