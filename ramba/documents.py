@@ -39,6 +39,10 @@ class DocLayout:
     def trivial(self) -> bool:
         return self.rows is None
 
+    def retrieval_positions(self, positions: torch.Tensor | None) -> torch.Tensor | None:
+        """The positions retrieval takes for the per-document rows: the given ones (None: 0 .. in each row)."""
+        return positions
+
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """[B, L, ...] -> [N, Lmax, ...], one document a row, zeros past each document's end."""
         if self.rows is None:

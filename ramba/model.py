@@ -27,6 +27,7 @@ from .memory import Memory
 from .ops import DocIndex
 from .parallel.group import active
 from .parallel.model import check_inputs as check_context_parallel
+from .parallel.documents import ShardedDocLayout, shard_documents, sharded_doc_memory
 from .parallel.model import gather_memory, global_mean_loss, global_positions, next_token_targets
 
 CONFIG_FILE = "config.json"
@@ -198,9 +199,8 @@ class HSAHybrid(nn.Module):
         cp = active()
         if cp is not None:
             padded = attention_mask is not None and not bool((attention_mask != 0).all())
-            check_context_parallel(cp, self.config.chunk_size, input_ids,
-                                   doc_ids is not None or cu_seqlens is not None or padded, cache is not None,
-                                   logits_to_keep, self.gradient_checkpointing and self.training)
+            check_context_parallel(cp, self.config.chunk_size, input_ids, cu_seqlens is not None or padded,
+                                   cache is not None, logits_to_keep, self.gradient_checkpointing and self.training)
         if cache is not None:
             if doc_ids is not None or cu_seqlens is not None:
                 raise ValueError("packed documents (doc_ids, cu_seqlens) are not supported with a cache: run one "
@@ -259,15 +259,22 @@ class HSAHybrid(nn.Module):
                       cu_seqlens: torch.Tensor | None, keep: int) -> tuple[torch.Tensor, Selections]:
         """The whole input at once; returns the last `keep` final hidden states and the retrievals."""
         length = input_ids.shape[1]
-        layout = build_layout(tuple(input_ids.shape), input_ids.device, attention_mask, doc_ids, cu_seqlens)
         cp = active()  # under context parallelism: this rank's slice, at its global positions
+        if cp is not None and doc_ids is not None:  # documents may continue across the slices
+            layout = shard_documents(doc_ids.to(input_ids.device), cp)
+        else:
+            layout = build_layout(tuple(input_ids.shape), input_ids.device, attention_mask, doc_ids, cu_seqlens)
         positions = None if cp is None else global_positions(cp, length, input_ids.device)
         x = self.embed(input_ids.long())
         for block in self.lower:
             x = self._block(block, x, layout.docs, None, positions)
-        memory = self.encoder(layout.unpack(self.memory_norm(x))) if self.encoder is not None else None
-        if memory is not None and cp is not None:
-            memory = gather_memory(memory, cp)
+        memory = None
+        if self.encoder is not None and isinstance(layout, ShardedDocLayout):
+            memory = sharded_doc_memory(self.encoder, self.memory_norm(x), layout, cp)
+        elif self.encoder is not None:
+            memory = self.encoder(layout.unpack(self.memory_norm(x)))
+            if cp is not None:
+                memory = gather_memory(memory, cp)
         start = length - keep - self.upper_receptive_field
         if self.upper_all_swa and layout.trivial and start > 0:  # exact shortcut: only the receptive field
             positions = torch.arange(start, length, device=x.device)

@@ -14,7 +14,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ramba import HSAHybrid, HSAHybridConfig
+from ramba.ops import DocIndex
 from ramba.parallel import all_reduce_gradients, context_parallel, loss_and_gradients, reset_traffic, traffic
+from ramba.parallel.documents import shard_documents
+from ramba.parallel.group import ContextParallel
 
 MIXERS = ["swa", "mamba2", ["mamba2", "swa", "mamba2"]]
 
@@ -33,39 +36,49 @@ def check_model(rank: int, size: int, mixer, seed: int) -> None:
     chunk = rnd.choice([16, 32])
     per_rank = chunk * rnd.randint(1, 3)
     config = config_for(mixer, chunk, rnd.randint(1, 4), rnd.randint(2, per_rank + 1),
-                        rnd.choice(["standard", "bypass"]), reset=0 if seed % 2 else 7)  # reset: lower Mamba2
+                        rnd.choice(["standard", "bypass"]), reset=7 if seed % 4 < 2 else 0)  # lower Mamba2
     torch.manual_seed(seed)
     model = HSAHybrid(config).double()
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (2, per_rank * size), generator=gen)
     labels = ids.masked_fill(torch.rand(ids.shape, generator=gen) < 0.2, -100)  # some ignored targets
+    doc_ids = None  # packed documents: some continue across ranks, some are shorter than a chunk
+    if seed % 4 in (0, 3):
+        starts = torch.rand(ids.shape, generator=gen) < rnd.choice([0.01, 0.05, 0.2])
+        doc_ids = starts.long().cumsum(dim=1) * 3 + 1
+    docs = {} if doc_ids is None else {"doc_ids": doc_ids}
 
-    want = model(ids, labels=labels, return_retrieval=True)
+    want = model(ids, labels=labels, return_retrieval=True, **docs)
     want.loss.backward()
-    want_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    want_grads = {name: torch.zeros_like(p) if p.grad is None else p.grad.clone()  # unused: short documents
+                  for name, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
 
     lo, hi = rank * per_rank, (rank + 1) * per_rank
+    docs = {} if doc_ids is None else {"doc_ids": doc_ids[:, lo:hi]}
+    if doc_ids is not None:  # each rank knows where its documents start and its tokens' places in them
+        whole, mine = DocIndex(doc_ids), shard_documents(doc_ids[:, lo:hi], ContextParallel()).docs
+        assert torch.equal(mine.starts, whole.starts[:, lo:hi]) and torch.equal(mine.offsets, whole.offsets[:, lo:hi])
     reset_traffic()
     if seed % 2:  # the three steps by hand, and through loss_and_gradients
         with context_parallel():
-            out = model(ids[:, lo:hi], labels=labels[:, lo:hi], return_retrieval=True)
+            out = model(ids[:, lo:hi], labels=labels[:, lo:hi], return_retrieval=True, **docs)
             out.loss.backward()
         all_reduce_gradients(model)
         loss, moved = out.loss, traffic()
     else:
-        loss = loss_and_gradients(model, ids[:, lo:hi], labels[:, lo:hi])
+        loss = loss_and_gradients(model, ids[:, lo:hi], labels[:, lo:hi], **docs)
         moved = traffic()
         with torch.no_grad(), context_parallel():
-            out = model(ids[:, lo:hi], return_retrieval=True)
-    if mixer == "swa":  # gathered once a forward: every other rank's landmarks and memory keys and values
+            out = model(ids[:, lo:hi], return_retrieval=True, **docs)
+    if mixer == "swa" and doc_ids is None:  # gathered once a forward: every other rank's landmarks and memory keys and values
         chunks = 2 * per_rank // config.chunk_size
         per_chunk = config.num_retrieval_heads * config.retrieval_dim + 2 * config.chunk_size * config.head_dim
         assert moved["all_gather"] == (size - 1) * chunks * per_chunk * 8
         halo = 2 * (config.window - 1) * 2 * config.head_dim * 8 * 3  # k and v of 2 rows, 3 SWA layers
         assert moved["p2p"] == halo * ((rank + 1 < size) + (rank > 0)) + 16 * (rank > 0)  # + the labels
     what = (f"{mixer} seed {seed} ({size} ranks, {config.chunk_size=}, {config.topk=}, {config.window=}, "
-            f"{config.mamba_reset=})")
+            f"{config.mamba_reset=}, documents: {doc_ids is not None})")
     torch.testing.assert_close(out.logits, want.logits[:, lo:hi], rtol=0, atol=1e-9, msg=lambda m: f"{what}: {m}")
     torch.testing.assert_close(loss, want.loss.detach(), rtol=0, atol=1e-12, msg=lambda m: f"{what} loss: {m}")
     for got, expected in zip(out.retrieval, want.retrieval, strict=True):
@@ -84,8 +97,10 @@ def check_bad_input(rank: int, size: int) -> None:
             model(ids[:, :24])                                   # not a multiple of the chunk size
         with pytest.raises(ValueError, match="slices of equal length"):
             model(ids[:, :16 * (1 + rank % 2)])                  # ranks disagree on the length
-        with pytest.raises(ValueError, match="packed documents"):
-            model(ids, doc_ids=torch.zeros_like(ids))
+        with pytest.raises(ValueError, match="not cu_seqlens"):
+            model(ids, cu_seqlens=torch.tensor([0, 32]))
+        with pytest.raises(ValueError, match="no padding"):
+            model(ids, attention_mask=torch.ones_like(ids).index_fill(1, torch.tensor([0]), 0))
         with pytest.raises(ValueError, match="not sharded yet"):
             model(ids, cache=model.new_cache(1))
         model.gradient_checkpointing = True
@@ -101,7 +116,7 @@ def worker(rank: int, size: int, init_file: str) -> None:
     torch.set_num_threads(1)
     try:
         for i, mixer in enumerate(MIXERS):
-            for seed in range(2):
+            for seed in range(4):
                 check_model(rank, size, mixer, 100 * size + 10 * i + seed)
         check_bad_input(rank, size)
         dist.barrier()

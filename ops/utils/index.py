@@ -59,7 +59,7 @@ def ids_from_cu_seqlens(cu_seqlens: Tensor, batch: int, length: int) -> Tensor:
 
 class DocIndex:
     """The documents of a [B, L] batch: `ids` [B, L] (integers; a document is a run of equal ids in a row),
-    and, derived on first use and then kept, `starts`, `seq_idx`, `cu_seqlens` and `max_seqlen`."""
+    and, derived on first use and then kept, `starts`, `offsets`, `seq_idx`, `cu_seqlens` and `max_seqlen`."""
 
     def __init__(self, ids: Tensor):
         if ids.dim() != 2:
@@ -76,6 +76,12 @@ class DocIndex:
     def starts(self) -> Tensor:
         """bool [B, L]: True where a document starts (always at position 0)."""
         return starts_from_ids(self.ids)
+
+    @cached_property
+    def offsets(self) -> Tensor:
+        """int64 [B, L]: each token's position in its document (0 at every start)."""
+        index = torch.arange(self.ids.shape[1], device=self.ids.device)
+        return index - torch.where(self.starts, index, 0).cummax(dim=1).values
 
     @cached_property
     def seq_idx(self) -> Tensor:

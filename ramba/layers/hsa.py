@@ -50,7 +50,7 @@ class HSA(nn.Module):
         N, L, _ = xs.shape
         qr = self.qr_proj(xs).view(N, L, cfg.num_retrieval_heads, cfg.retrieval_dim)
         indices, scores = hsa_retrieve(
-            qr, memory.retrieval_landmarks(), cfg.topk, cfg.chunk_size, positions=positions,
+            qr, memory.retrieval_landmarks(), cfg.topk, cfg.chunk_size, positions=layout.retrieval_positions(positions),
             window=cfg.window if cfg.retrieve_beyond_window else None,
             backend=cfg.ops_backend, gumbel=cfg.gumbel_noise if self.training else 0.0,
         )

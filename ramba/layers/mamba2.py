@@ -113,7 +113,7 @@ class Mamba2(nn.Module):
             xbc = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, docs, backend=self.backend)
         else:
             xbc = context_parallel_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, cp.group,
-                                          backend=self.backend)
+                                          backend=self.backend, docs=docs)
         xbc = F.silu(xbc)
         xs, B, C = torch.split(xbc, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         xs = xs.reshape(b, l, self.nheads, self.headdim)
@@ -130,17 +130,14 @@ class Mamba2(nn.Module):
     def _restarts(self, docs: DocIndex | None, b: int, l: int, positions: Tensor | None,
                   device: torch.device) -> DocIndex | Tensor | None:
         """Where the scan's state restarts: the documents' starts, and with a reset R every token whose position
-        in its document is a multiple of R (bool [b, l]). positions [l]: the tokens' positions (a rank's slice of
-        one sequence under context parallelism; default 0 .. l-1 in each document)."""
+        in its document is a multiple of R (bool [b, l]). positions [l]: the tokens' positions when there are no
+        documents (a rank's slice of one sequence under context parallelism; default 0 .. l-1)."""
         if not self.reset:
             return docs
-        index = torch.arange(l, device=device)
-        if positions is not None:
-            offsets = positions.expand(b, l)
-        elif docs is None:
-            offsets = index.expand(b, l)
+        if docs is not None:
+            offsets = docs.offsets
         else:
-            offsets = index - torch.where(docs.starts, index, 0).cummax(dim=1).values
+            offsets = (torch.arange(l, device=device) if positions is None else positions).expand(b, l)
         restart = offsets % self.reset == 0
         return restart if docs is None else restart | docs.starts
 

@@ -62,7 +62,7 @@ class SlidingWindowAttention(nn.Module):
         backend = self.config.swa_backend
         cp = active()
         if state is None and cp is not None:  # this rank's slice of a sharded sequence (global positions)
-            out = context_parallel_swa(q, k, v, self.config.window, cp.group, backend)
+            out = context_parallel_swa(q, k, v, self.config.window, cp.group, backend, docs)
         elif state is None:
             out = sliding_window_attention(q, k, v, self.config.window, docs, backend)
         else:

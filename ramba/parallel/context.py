@@ -8,10 +8,13 @@ is differentiable: gradients that belong to another rank's inputs travel back to
 Every function is collective: all ranks of the group must call it, in the same order, with slices of the same
 shape (only the length may differ, and each must satisfy the stated preconditions), and must all run the
 backward of its outputs (a rank whose loss ignores an output still needs it in its graph), else ranks wait on
-each other forever. Documents (packed sequences) are supported by the scan only, for now.
+each other forever. Packed documents, which may continue across ranks, come as a
+`ramba.parallel.documents.SliceDocs` (the scan takes its starts as seq_start).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -19,6 +22,9 @@ from torch import Tensor
 from torch.autograd import Function
 
 from ramba.ops import DocIndex, causal_conv1d, sliding_window_attention, ssd_scan
+
+if TYPE_CHECKING:
+    from .documents import SliceDocs
 
 __all__ = ["all_gather_autograd", "context_parallel_conv1d", "context_parallel_scan", "context_parallel_swa",
            "halo_exchange", "reset_traffic", "traffic"]
@@ -165,14 +171,16 @@ class _Tie(Function):
 
 
 def context_parallel_swa(q: Tensor, k: Tensor, v: Tensor, window: int, group: dist.ProcessGroup | None = None,
-                         backend: str = "auto") -> Tensor:
+                         backend: str = "auto", docs: SliceDocs | None = None) -> Tensor:
     """Sliding-window attention of this rank's slice, equal to its slice of the full-sequence attention.
 
     q: [B, Lr, HQ, D], k, v: [B, Lr, H, D], RoPE already applied with global positions -> [B, Lr, HQ, D]
     (query t sees keys t-window+1 .. t of the whole sequence). The window-1 keys and values before the slice
     come from the previous rank (one halo exchange of k and v together), then `sliding_window_attention`
     runs in its cached form; on rank 0 key_valid marks the missing halo. Gradients of the halo reach the
-    previous rank's k, v. Precondition: window - 1 <= Lr. No documents: one sequence per row.
+    previous rank's k, v. Precondition: window - 1 <= Lr. docs (`ramba.parallel.documents.SliceDocs`): packed
+    documents, which may continue across ranks; the attention then runs in its full form on the halo and the
+    slice together, with the halo's document ids, and the halo's outputs are dropped.
     """
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"context_parallel_swa: window must be an integer >= 1, got {window!r}")
@@ -187,23 +195,30 @@ def context_parallel_swa(q: Tensor, k: Tensor, v: Tensor, window: int, group: di
                          f"this rank's slice of {q.shape[1]} positions: use fewer ranks or longer slices")
     kv, valid = halo_exchange(torch.cat([k, v], dim=-1), width, group)
     keys, values = kv.split(k.shape[-1], dim=-1)
+    if docs is not None:  # rank 0's halo is a document of its own (id -1): no query of the slice sees it
+        queries = torch.cat([q.new_zeros((q.shape[0], width, *q.shape[2:])), q], dim=1)
+        out = sliding_window_attention(queries, keys, values, window, docs.with_halo(width), backend)
+        return out[:, width:]
     key_valid = valid if dist.get_rank(group) == 0 else None
     return sliding_window_attention(q, keys, values, window, backend=backend, key_valid=key_valid)
 
 
 def context_parallel_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None,
-                            group: dist.ProcessGroup | None = None, backend: str = "auto") -> Tensor:
+                            group: dist.ProcessGroup | None = None, backend: str = "auto",
+                            docs: SliceDocs | None = None) -> Tensor:
     """Mamba2's depthwise causal conv on this rank's slice: x [B, Lr, C], weight [C, K], bias [C] -> [B, Lr, C],
     equal to the slice of `causal_conv1d` on the full sequence. The K-1 inputs before the slice come from the
     previous rank (zeros on rank 0, which is what the conv assumes before the first token); the conv runs on
     the halo and the slice together in its full form and the halo's outputs are dropped. Precondition:
-    K - 1 <= Lr. No documents yet.
+    K - 1 <= Lr. docs (`ramba.parallel.documents.SliceDocs`): packed documents; the taps stop at each document's
+    first token, also when its document started on an earlier rank.
     """
     if weight.dim() != 2:
         raise ValueError(f"context_parallel_conv1d: weight must be [C, K], got shape {tuple(weight.shape)}")
     width = weight.shape[1] - 1
     history, _ = halo_exchange(x, width, group)
-    return causal_conv1d(history, weight, bias, backend=backend)[:, width:]
+    ids = None if docs is None else DocIndex(docs.with_halo(width))
+    return causal_conv1d(history, weight, bias, ids, backend=backend)[:, width:]
 
 
 def context_parallel_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,

@@ -6,7 +6,7 @@ rank and Lr a multiple of chunk_size (no chunk spans two ranks). Then:
 - the local mixers exchange what crosses the slice boundary (ramba.parallel.context);
 - the chunk encoder runs on the rank's own chunks; the landmarks and memory keys/values of all ranks are
   all-gathered, so every query scores every earlier chunk and reads the selected ones wherever they were
-  encoded. Per layer that moves (P-1)/P of the memory K/V of the sequence to each rank: 2 * num_kv_heads *
+  encoded. Packed documents (doc_ids) may continue across ranks: ramba.parallel.documents. Per layer that moves (P-1)/P of the memory K/V of the sequence to each rank: 2 * num_kv_heads *
   head_dim values per token, plus one landmark per chunk; the backward all-reduces their gradients;
 - the next-token loss crosses slices too: a rank's last position predicts the next rank's first label, and
   `out.loss` is the mean over all ranks' targets (its gradient is this rank's share of it).
@@ -28,15 +28,16 @@ from .group import ContextParallel, context_parallel
 IGNORE_INDEX = -100
 
 
-def check_inputs(cp: ContextParallel, chunk_size: int, input_ids: torch.Tensor, sharded_docs: bool, cached: bool,
-                 logits_to_keep: int | None, checkpointing: bool) -> None:
+def check_inputs(cp: ContextParallel, chunk_size: int, input_ids: torch.Tensor, unsharded_layout: bool,
+                 cached: bool, logits_to_keep: int | None, checkpointing: bool) -> None:
     """Raise ValueError, on every rank, for what the context-parallel forward does not take."""
     if cached:
         raise ValueError("context parallelism runs the full forward only (training, scoring): prefill and "
                          "decoding with a cache are not sharded yet; run the cached path on one process")
-    if sharded_docs:
-        raise ValueError("context parallelism takes one sequence per row: packed documents (doc_ids, "
-                         "cu_seqlens) and padding (attention_mask with zeros) are not sharded yet")
+    if unsharded_layout:
+        raise ValueError("context parallelism takes packed documents as doc_ids (this rank's slice of them), not "
+                         "cu_seqlens, and no padding (attention_mask with zeros): pad with a document of its own "
+                         "whose labels are -100 instead")
     if logits_to_keep is not None:
         raise ValueError("logits_to_keep is not supported under context parallelism: every rank computes the "
                          "logits of its own slice")
