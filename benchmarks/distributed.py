@@ -1,14 +1,16 @@
-r"""One training config on one process and on several (DDP, FSDP) at the same global batch: do the loss curves
-agree? A second one-process run with another seed gives the size of run-to-run noise to compare with.
+r"""One training config on one process and on several (DDP, FSDP, context parallelism) at the same global batch:
+do the loss curves agree? A second one-process run with another seed gives the size of run-to-run noise to
+compare with.
 
-python -m benchmarks.distributed [--config recipes/configs/tiny.yaml] [--modes single,seed,ddp,fsdp]
+python -m benchmarks.distributed [--config recipes/configs/tiny.yaml] [--modes single,seed,ddp,fsdp,cp]
     [--processes 2] [--batch-size 4] [--out benchmarks/results/distributed.md] [--cpu] [section.key=value ...]
 
 `--batch-size` is per process: the one-process runs take processes x batch-size rows per step, so every run
 sees the same global batch (and, for single, ddp and fsdp, the same sequences in the same order). The runs go
 to runs/distributed/MODE; the table, with a plot of the curves beside it, to --out. DDP and FSDP start through
 `accelerate launch` with recipes/accelerate/{ddp,fsdp}.yaml on GPUs; `--cpu` starts DDP on CPU processes
-(torchrun, gloo) instead. accelerate has no FSDP on CPUs.
+(torchrun, gloo) instead. accelerate has no FSDP on CPUs. `cp` runs DDP's launch with train.context_parallel set
+to the number of processes: each process trains on its slice of every sequence of the whole batch.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from benchmarks.common import command_line
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "pretrain.py")
 ACCELERATE = {mode: str(ROOT / "recipes" / "accelerate" / f"{mode}.yaml") for mode in ("ddp", "fsdp")}
-MODES = ("single", "seed", "ddp", "fsdp")
+MODES = ("single", "seed", "ddp", "fsdp", "cp")
 
 
 def launch_command(mode: str, processes: int, cpu: bool) -> tuple[list[str], dict[str, str]]:
@@ -38,15 +40,17 @@ def launch_command(mode: str, processes: int, cpu: bool) -> tuple[list[str], dic
         return [sys.executable, RECIPE], env
     if cpu:  # DDP only: accelerate has no FSDP on CPUs
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), RECIPE], env
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", ACCELERATE[mode],
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", ACCELERATE[mode.replace("cp", "ddp")],
             "--num_processes", str(processes), RECIPE], {}
 
 
 def run_overrides(mode: str, processes: int, batch_size: int, seed: int, output_dir: Path) -> list[str]:
-    """Per-mode overrides: the one-process runs take the whole global batch; `seed` changes the seed."""
-    rows = batch_size * processes if mode in ("single", "seed") else batch_size
+    """Per-mode overrides: the one-process runs take the whole global batch; `seed` changes the seed; `cp`
+    shares every sequence among all processes (context parallelism), which then all take the whole batch."""
+    rows = batch_size * processes if mode in ("single", "seed", "cp") else batch_size
+    sharing = [f"train.context_parallel={processes}"] if mode == "cp" else []
     return [f"train.batch_size={rows}", f"train.seed={seed + 1 if mode == 'seed' else seed}",
-            f"train.output_dir={output_dir}"]
+            f"train.output_dir={output_dir}"] + sharing
 
 
 def read_metrics(run_dir: Path) -> tuple[dict[int, float], dict[int, float], list[float]]:

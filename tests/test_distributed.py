@@ -1,6 +1,7 @@
 """Several training processes against one: DDP on CPU processes (gloo) must train exactly like one process
 with the whole global batch, and so must gradient accumulation."""
 
+import json
 import math
 
 from accelerate.state import AcceleratorState
@@ -41,3 +42,19 @@ def test_accumulation_matches_one_large_batch(tmp_path, monkeypatch):
 def test_smooth_is_a_trailing_mean():
     assert smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert all(math.isclose(a, b) for a, b in zip(smooth([2.0, 4.0, 9.0], 5), [2.0, 3.0, 5.0]))
+
+
+def test_context_parallel_training_on_two_processes_matches_one_process(tmp_path):
+    """train.context_parallel=2: two processes share every sequence of a packed corpus (documents that
+    continue across the cut included) and train like one process with the whole batch."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"{n} " + "word " * n}) for n in range(3, 300, 13)))
+    overrides = SMALL + ["model.overrides.chunk_size=32", "model.overrides.window=16", f"data.source={corpus}",
+                         "model.overrides.local_mixer=[mamba2,swa,swa,swa]"]
+    distributed.main(["--cpu", "--modes", "single,cp", "--batch-size", "1", "--window", "1",
+                      "--runs", str(tmp_path), "--out", str(tmp_path / "d.md")] + overrides)
+    single, cp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "cp")
+    assert sorted(single[0]) == sorted(cp[0]) == list(range(1, 7))
+    assert max(abs(single[0][s] - cp[0][s]) for s in single[0]) < 1e-4
+    assert abs(single[1][6] - cp[1][6]) < 1e-4  # held-out loss of the trained weights
+    assert single[0][6] < single[0][1] - 0.3  # and it did train

@@ -115,6 +115,15 @@ def test_bad_config_keys_and_types_are_named(tmp_path):
         load_run_config(tmp_path / "c.yaml")
     with pytest.raises(RunConfigError, match="at least 1"):
         load_run_config(None, ["train.steps=0"])
+    with pytest.raises(RunConfigError, match="train.context_parallel must be at least 1"):
+        load_run_config(None, ["train.context_parallel=0"])
+    with pytest.raises(RunConfigError, match="gradient_checkpointing is not supported with train.context_parallel"):
+        load_run_config(None, ["train.context_parallel=2", "train.gradient_checkpointing=true"])
+
+
+def test_context_parallel_without_enough_processes_says_how_to_launch(tmp_path):
+    with pytest.raises(ValueError, match="needs 2 processes or a multiple"):
+        recipe().main(SMALL + ["train.context_parallel=2", f"train.output_dir={tmp_path}"])
     for name in ("tiny", "small", "ramba-370m"):
         assert load_run_config(RECIPES / "configs" / f"{name}.yaml").model.preset == name
 

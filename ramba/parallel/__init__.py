@@ -11,9 +11,9 @@ they moved.
 
 from .context import (all_gather_autograd, context_parallel_conv1d, context_parallel_scan, context_parallel_swa,
                       halo_exchange, reset_traffic, traffic)
-from .group import ContextParallel, active, context_parallel
+from .group import ContextParallel, Mesh, active, context_parallel, split_world
 from .model import all_reduce_gradients, loss_and_gradients
 
-__all__ = ["ContextParallel", "active", "all_gather_autograd", "all_reduce_gradients", "context_parallel",
+__all__ = ["ContextParallel", "Mesh", "active", "all_gather_autograd", "all_reduce_gradients", "context_parallel",
            "context_parallel_conv1d", "context_parallel_scan", "context_parallel_swa", "halo_exchange",
-           "loss_and_gradients", "reset_traffic", "traffic"]
+           "loss_and_gradients", "reset_traffic", "split_world", "traffic"]

@@ -6,7 +6,7 @@ them: a layer whose forward sees a group runs its context-parallel form.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Iterator
@@ -51,3 +51,36 @@ def context_parallel(group: dist.ProcessGroup | None = None) -> Iterator[Context
 def active() -> ContextParallel | None:
     """The context-parallel group the current forward runs under, or None (one process holds the sequence)."""
     return _ACTIVE.get()
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """The world split into context-parallel groups of `cp_size` consecutive ranks, beside data parallelism:
+    this rank's group (None when cp_size is 1), and its data-parallel rank and size (one per group)."""
+
+    group: dist.ProcessGroup | None
+    cp_rank: int
+    cp_size: int
+    dp_rank: int
+    dp_size: int
+
+    def context(self) -> AbstractContextManager:
+        """`context_parallel(group)` for a forward pass of this rank's slices (nothing when cp_size is 1)."""
+        return nullcontext() if self.cp_size == 1 else context_parallel(self.group)
+
+
+def split_world(cp_size: int) -> Mesh:
+    """Collective on the world (every rank builds every group): ranks k*cp_size .. (k+1)*cp_size - 1 hold the
+    slices of the same sequences. Without torch.distributed: one process, no group."""
+    if not dist.is_available() or not dist.is_initialized():
+        if cp_size != 1:
+            raise ValueError(f"train.context_parallel={cp_size} needs {cp_size} processes or a multiple: launch "
+                             f"with torchrun / accelerate launch --num_processes {cp_size}")
+        return Mesh(None, 0, 1, 0, 1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cp_size < 1 or world % cp_size:
+        raise ValueError(f"train.context_parallel={cp_size} must divide the number of processes ({world})")
+    if cp_size == 1:
+        return Mesh(None, 0, 1, rank, world)
+    groups = [dist.new_group(list(range(k * cp_size, (k + 1) * cp_size))) for k in range(world // cp_size)]
+    return Mesh(groups[rank // cp_size], rank % cp_size, cp_size, rank // cp_size, world // cp_size)

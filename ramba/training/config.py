@@ -56,6 +56,9 @@ class TrainSection:
     clip: float = 1.0
     mixed_precision: str = "auto"  # "auto" (bf16 on CUDA, none on CPU), "bf16", "fp16", "no"
     gradient_checkpointing: bool = False
+    # processes that share each sequence (context parallelism: rank r of a group trains on slice r of every
+    # row); the number of processes must be a multiple of it; data parallelism spans the groups
+    context_parallel: int = 1
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
@@ -87,7 +90,8 @@ class RunConfig:
                   "train.eval_every": (t.eval_every, 1), "train.save_every": (t.save_every, 1),
                   "train.keep": (t.keep, 1), "train.warmup": (t.warmup, 0), "train.seed": (t.seed, 0),
                   "train.weight_decay": (t.weight_decay, 0), "data.seq_len": (d.seq_len, 1),
-                  "data.min_len": (d.min_len, 1), "data.eval_sequences": (d.eval_sequences, 1)}
+                  "data.min_len": (d.min_len, 1), "data.eval_sequences": (d.eval_sequences, 1),
+                  "train.context_parallel": (t.context_parallel, 1)}
         if t.stop_after is not None:
             ranges["train.stop_after"] = (t.stop_after, 1)
         for key, (value, least) in ranges.items():
@@ -101,6 +105,9 @@ class RunConfig:
             raise RunConfigError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
         if t.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             raise RunConfigError(f"train.mixed_precision must be auto, bf16, fp16 or no, got {t.mixed_precision!r}")
+        if t.context_parallel > 1 and t.gradient_checkpointing:
+            raise RunConfigError("train.gradient_checkpointing is not supported with train.context_parallel > 1 "
+                                 "(the slices already cut activation memory): turn one of them off")
         if d.loss not in ("answer", "all"):
             raise RunConfigError(f"data.loss must be answer or all, got {d.loss!r}")
         empty = [k for k, v in {"model.preset": self.model.preset, "data.source": d.source, "data.tasks": d.tasks,

@@ -24,7 +24,8 @@ logger = logging.getLogger("ramba.train")
 RUN_FILES = ("checkpoints", "final", "metrics.jsonl", "config.yaml")  # what a run writes in its folder
 # settings that a resumed run may change freely: they decide what is logged and kept, not what is trained
 FREE = {"train.stop_after", "train.log_every", "train.eval_every", "train.save_every", "train.keep",
-        "train.output_dir", "train.tensorboard", "train.gradient_checkpointing", "data.eval_sequences"}
+        "train.output_dir", "train.tensorboard", "train.gradient_checkpointing", "train.context_parallel",
+        "data.eval_sequences"}
 WARNED = {"train.batch_size", "train.grad_accum", "train.steps"}  # allowed, with a word on what they change
 
 

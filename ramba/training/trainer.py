@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..config import HSAHybridConfig
 from ..model import HSAHybrid
+from ..parallel.group import Mesh, split_world
 from ..tokenizer import load_tokenizer
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .config import RunConfig
@@ -61,21 +62,34 @@ def eval_batches(run: RunConfig, tokenizer, seed: int) -> list[dict[str, torch.T
     return [{k: torch.stack([r[k] for r in rows[i:i + size]]) for k in rows[0]} for i in range(0, len(rows), size)]
 
 
-def shard(stream: Iterator[dict[str, torch.Tensor]], accelerator: Accelerator) -> Iterator[dict[str, torch.Tensor]]:
-    """This process's share of one stream: rows rank, rank + world, ... so that N processes with batch size B
-    see exactly the sequences that one process with batch size N * B sees."""
-    return itertools.islice(stream, accelerator.process_index, None, accelerator.num_processes)
+def shard(stream: Iterator[dict[str, torch.Tensor]], mesh: Mesh) -> Iterator[dict[str, torch.Tensor]]:
+    """This data-parallel group's share of one stream: rows rank, rank + size, ... so that N groups with batch
+    size B see exactly the sequences that one process with batch size N * B sees (every rank of a
+    context-parallel group takes the same rows, then its slice of them)."""
+    return itertools.islice(stream, mesh.dp_rank, None, mesh.dp_size)
 
 
-def loss_shares(micro: list[dict[str, torch.Tensor]], accelerator: Accelerator) -> list[float]:
+def slice_batch(batch: dict[str, torch.Tensor], mesh: Mesh) -> dict[str, torch.Tensor]:
+    """The model inputs of this rank: under context parallelism its slice of every row's tokens, labels and
+    documents."""
+    inputs = model_inputs(batch)
+    if mesh.cp_size == 1:
+        return inputs
+    length = inputs["input_ids"].shape[1] // mesh.cp_size
+    return {k: v[:, mesh.cp_rank * length:(mesh.cp_rank + 1) * length] for k, v in inputs.items()}
+
+
+def loss_shares(micro: list[dict[str, torch.Tensor]], accelerator: Accelerator, mesh: Mesh) -> list[float]:
     """Loss weights of one optimizer step's micro-batches on this process: each one's predicted tokens over
     the mean count per micro-batch of the whole global batch (all micro-batches of all processes). With them,
     accumulated and process-averaged gradients equal those of the token-mean loss of the global batch, so
-    N processes x B rows x A accumulation steps train exactly like one process with N * B * A rows."""
+    N processes x B rows x A accumulation steps train exactly like one process with N * B * A rows. Under
+    context parallelism a group's C ranks hold the same rows (counted C times in the sum) and each holds part
+    of the gradient, which the processes' mean divides by C: the weights are C times larger."""
     counts = torch.tensor([float((b["labels"][:, 1:] != -100).sum()) for b in micro], dtype=torch.float64,
                           device=accelerator.device)
     total = accelerator.reduce(counts.sum(), "sum") if accelerator.num_processes > 1 else counts.sum()
-    return (counts * len(micro) * accelerator.num_processes / total.clamp(min=1)).tolist()
+    return (counts * len(micro) * accelerator.num_processes * mesh.cp_size / total.clamp(min=1)).tolist()
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -172,8 +186,9 @@ def train(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -
                               log_with="tensorboard" if t.tensorboard else None, project_dir=t.output_dir)
     if accelerator.device.type == "cpu" and accelerator.num_processes == 1:
         torch.set_num_threads(os.cpu_count() or 1)  # accelerate launch pins one thread per process
+    mesh = split_world(t.context_parallel)
     if resume_from:
-        check_resume(state, run, resume_from, accelerator.num_processes)
+        check_resume(state, run, resume_from, mesh.dp_size)
     else:
         claim_run_dir(output_dir, overwrite, accelerator.is_main_process)
     accelerator.wait_for_everyone()
@@ -185,14 +200,19 @@ def train(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -
     if tokenizer.eos_id is None:
         raise ValueError(f"tokenizer {run.data.tokenizer!r} has no end-of-sequence token to separate documents")
     model = build_model(run, tokenizer.vocab_size)
+    if run.data.seq_len % (model.config.chunk_size * mesh.cp_size):
+        raise ValueError(f"train.context_parallel={mesh.cp_size} cuts every sequence into {mesh.cp_size} slices of "
+                         f"whole chunks: data.seq_len ({run.data.seq_len}) must be a multiple of chunk_size x "
+                         f"{mesh.cp_size} = {model.config.chunk_size * mesh.cp_size}")
     optimizer = build_optimizer(model, t.lr, t.weight_decay, tuple(t.betas))
     scheduler = build_scheduler(optimizer, t.warmup, t.steps, t.min_lr_ratio)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if t.tensorboard:
         accelerator.init_trackers("ramba")
-    logger.info("model: %.2fM parameters, %s mixer; %d process(es), precision %s",
+    logger.info("model: %.2fM parameters, %s mixer; %d process(es) (context parallel %d), precision %s",
                 accelerator.unwrap_model(model).num_parameters() / 1e6,
-                accelerator.unwrap_model(model).config.local_mixer, accelerator.num_processes, precision)
+                accelerator.unwrap_model(model).config.local_mixer, accelerator.num_processes, mesh.cp_size,
+                precision)
 
     step, consumed = 0, 0  # consumed: sequences of the whole data stream (all processes) trained on
     if resume_from:
@@ -201,27 +221,27 @@ def train(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -
         load_checkpoint(accelerator, resume_from)
         step = state["step"]
         # older checkpoints count micro-batches per process
-        consumed = state.get("sequences", state.get("position", 0) * t.batch_size * accelerator.num_processes)
+        consumed = state.get("sequences", state.get("position", 0) * t.batch_size * mesh.dp_size)
         logger.info("resumed from %s (step %d)", resume_from, step)
     # skip what earlier runs consumed: the data order stays exactly the same
     stream = batches(shard(itertools.islice(sequences(run.data, tokenizer, t.seed * 1009), consumed, None),
-                           accelerator), t.batch_size)
+                           mesh), t.batch_size)
     held_out = eval_batches(run, tokenizer, t.seed)
     log = MetricsLog(accelerator, output_dir, t.tensorboard)
     log.rewind(step)
     chunk_size = accelerator.unwrap_model(model).config.chunk_size
-    stats = run.data.source == "builtin"
+    stats = run.data.source == "builtin" and mesh.cp_size == 1  # hits need the whole row's retrievals
 
     bar = tqdm(total=t.steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
     last = time.perf_counter()
     while step < t.steps:
         losses, hits, tokens = [], [], 0
         micro = [next(stream) for _ in range(t.grad_accum)]
-        consumed += t.grad_accum * t.batch_size * accelerator.num_processes
-        for batch, share in zip(micro, loss_shares(micro, accelerator)):
+        consumed += t.grad_accum * t.batch_size * mesh.dp_size
+        for batch, share in zip(micro, loss_shares(micro, accelerator, mesh)):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with accelerator.accumulate(model):
-                out = model(**model_inputs(batch), return_retrieval=stats)
+            with accelerator.accumulate(model), mesh.context():
+                out = model(**slice_batch(batch, mesh), return_retrieval=stats)
                 accelerator.backward(out.loss * share)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), t.clip)
@@ -229,8 +249,8 @@ def train(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -
                 if accelerator.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            losses.append((out.loss * share).item())
-            tokens += int((batch["labels"] != -100).sum())
+            losses.append((out.loss * share / mesh.cp_size).item())
+            tokens += int((batch["labels"] != -100).sum()) // mesh.cp_size  # this rank's share
             if stats:
                 hits.append(retrieval_hits(out.retrieval, batch, chunk_size).item())
         step += 1
@@ -254,7 +274,7 @@ def train(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -
         stopping = t.stop_after is not None and step >= t.stop_after and step < t.steps
         if step % t.save_every == 0 or step == t.steps or stopping:
             save_checkpoint(accelerator, output_dir, step, {"sequences": consumed, "batch_size": t.batch_size,
-                                                            "processes": accelerator.num_processes,
+                                                            "processes": mesh.dp_size,
                                                             "config": run.to_dict()}, t.keep)
         if stopping:
             logger.info("stopping after step %d as asked; continue with --resume", step)
