@@ -47,6 +47,11 @@ VARIANTS: dict[str, dict[str, object]] = {
     "mamba2-reset": {**BASE, "local_mixer": "mamba2", "mamba_reset": 64},
     # the same, and every head (upper ones included) forgets within 128 tokens
     "mamba2-reset-horizon": {**BASE, "local_mixer": "mamba2", "mamba_reset": 64, "mamba_horizon": 128},
+    # chunk-local below, and the upper Mamba2 blocks restart every 256 tokens: no state at any length has seen
+    # more tokens than in training (prompts of 160-640), and a needle before the last restart needs the memory
+    "mamba2-reset-256": {**BASE, "local_mixer": "mamba2", "mamba_reset": 64, "mamba_reset_upper": 256},
+    # chunk-local Mamba2 everywhere: the memory is the only path beyond a chunk
+    "mamba2-reset-all": {**BASE, "local_mixer": "mamba2", "mamba_reset": 64, "mamba_reset_upper": 64},
 }
 
 

@@ -26,7 +26,7 @@ POSITIVE_INTS = ("vocab_size", "d_model", "num_heads", "num_kv_heads", "head_dim
                  "expand", "mamba_head_dim", "n_groups", "mamba_chunk_size", "chunk_size", "retrieval_dim",
                  "hsa_every")
 NON_NEGATIVE_INTS = ("n_lower_layers", "n_upper_layers", "encoder_layers", "intermediate_size", "mamba_horizon",
-                     "mamba_reset")
+                     "mamba_reset", "mamba_reset_upper")
 BOOLS = ("plain_block_mlp", "use_hsa", "retrieve_beyond_window", "softmax_off_by_one", "tie_embeddings")
 POSITIVE_FLOATS = ("rope_theta", "norm_eps")
 NON_NEGATIVE_FLOATS = ("gumbel_noise", "initializer_range")
@@ -99,6 +99,9 @@ class HSAHybridConfig:
     # chunk_size makes them chunk-local like the chunk encoder: landmarks and retrieval queries then never read
     # a state older than one chunk, at any length (the 4-tap conv still reads across the restart)
     mamba_reset: int = 0
+    # the same for the Mamba2 blocks above the memory (0: never); at most the training length, every state at
+    # any length has seen no more tokens than in training
+    mamba_reset_upper: int = 0
     # chunk memory and retrieval (use_hsa=False: the same stack with plain blocks only, the mixer-only baseline)
     use_hsa: bool = True
     chunk_size: int = 64

@@ -9,7 +9,8 @@ from ramba import HSAHybrid
 from ramba.ops.ssd import ssd_scan, ssd_step
 from test_model import small_config
 
-# the third has an all-SWA upper stack (the shortcut); the last restarts its lower Mamba2 state every 11 tokens
+# the third has an all-SWA upper stack (the shortcut); the last restarts its Mamba2 states (lower: every 11
+# tokens, upper: every 13)
 MIXERS = ["swa", "mamba2", ["mamba2", "swa", "swa"], "mamba2-reset"]
 MODELS: dict[str, HSAHybrid] = {}
 
@@ -18,7 +19,7 @@ def model_for(mixer) -> HSAHybrid:
     key = str(mixer)
     if key not in MODELS:
         torch.manual_seed(0)
-        config = (small_config(local_mixer="mamba2", mamba_reset=11) if mixer == "mamba2-reset"
+        config = (small_config(local_mixer="mamba2", mamba_reset=11, mamba_reset_upper=13) if mixer == "mamba2-reset"
                   else small_config(local_mixer=mixer))
         MODELS[key] = HSAHybrid(config).double().eval()
     return MODELS[key]

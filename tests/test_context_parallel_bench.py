@@ -16,3 +16,13 @@ def test_context_parallel_benchmark_runs_and_reports(tmp_path):
     # two ranks: at least the gathered memory of the other rank (keys and values of 2 chunks of 64 tokens,
     # float32) over 256 tokens, in each of the forward and the backward
     assert int(two[7].replace(",", "")) >= 2 * (2 * 64 * 64 * 4) * 2 // 256
+
+
+def test_context_parallel_benchmark_with_packed_documents(tmp_path):
+    out = tmp_path / "cp.md"
+    context_parallel.main(["--ranks", "2", "--mixers", "mamba2", "--lengths", "256", "--steps", "1",
+                           "--doc-length", "40", "--out", str(out)])
+    text = out.read_text()
+    assert "documents of about 40 tokens" in text
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| tiny mamba2")]
+    assert len(rows) == 1 and int(rows[0][7].replace(",", "")) > 0

@@ -323,9 +323,11 @@ def test_reset_layer_equals_chunk_by_chunk_scans(l, reset, seed):
         torch.testing.assert_close(layer(x), torch.cat(pieces, dim=1), rtol=1e-9, atol=1e-9)
 
 
-def test_reset_applies_below_the_memory_only():
+def test_reset_below_and_above_the_memory():
     config = make_config(n_lower_layers=2, n_upper_layers=2, mamba_reset=64)
     assert [Mamba2(config, i).reset for i in range(4)] == [64, 64, 0, 0]
+    config = make_config(n_lower_layers=2, n_upper_layers=2, mamba_reset_upper=256)
+    assert [Mamba2(config, i).reset for i in range(4)] == [0, 0, 256, 256]
     with pytest.raises(ValueError, match="positions"):
-        layer = Mamba2(config, 0)
+        layer = Mamba2(config, 2)
         layer(torch.randn(1, 3, 32), state=layer.allocate_inference_cache(1, torch.device("cpu"), torch.float32))

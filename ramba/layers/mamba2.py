@@ -52,9 +52,9 @@ class Mamba2(nn.Module):
     """Mamba2 mixer: in_proj -> causal conv + silu -> SSD scan -> gated RMSNorm -> out_proj.
 
     x: [B, L, d_model], docs: optional documents (int ids [B, L], contiguous runs of equal id are documents
-    that never interact, or a DocIndex) -> [B, L, d_model]. Below the memory, `config.mamba_reset` restarts
-    the SSM state every that many tokens of a document. Its ops (`ramba.ops.causal_conv1d`, `ssd_scan`,
-    `gated_rms_norm`) run on `config.mamba_backend`.
+    that never interact, or a DocIndex) -> [B, L, d_model]. `config.mamba_reset` (below the memory) and
+    `mamba_reset_upper` (above it) restart the SSM state every that many tokens of a document. Its ops
+    (`ramba.ops.causal_conv1d`, `ssd_scan`, `gated_rms_norm`) run on `config.mamba_backend`.
     """
 
     def __init__(self, config: HSAHybridConfig, layer_idx: int):
@@ -68,7 +68,7 @@ class Mamba2(nn.Module):
         self.ngroups = config.n_groups
         self.chunk_size = config.mamba_chunk_size
         self.horizon = config.mamba_horizon
-        self.reset = config.mamba_reset if layer_idx < config.n_lower_layers else 0
+        self.reset = config.mamba_reset if layer_idx < config.n_lower_layers else config.mamba_reset_upper
         self.backend = config.mamba_backend
         conv_dim = self.d_inner + 2 * self.ngroups * self.d_state
 
@@ -171,7 +171,8 @@ class Mamba2(nn.Module):
             seq_start = valid & F.pad(~valid[:, :-1], (1, 0), value=False)
         if self.reset:
             if positions is None:
-                raise ValueError("Mamba2 with mamba_reset needs the tokens' positions [B, L] in the cached form")
+                raise ValueError("Mamba2 with a state reset (mamba_reset, mamba_reset_upper) needs the tokens' "
+                                 "positions [B, L] in the cached form")
             restart = positions % self.reset == 0
             restart = restart if valid is None else restart & valid
             if l == 1:  # a decoded token: drop the state where it restarts (keeps the one-step recurrence)
