@@ -1,11 +1,12 @@
 r"""Context parallelism: one sequence sharded over P processes against one process, for training steps.
 
 python -m benchmarks.context_parallel [--ranks 1,2] [--preset tiny] [--mixers swa,mamba2] [--lengths 4k,16k]
-    [--batch-size 1] [--steps 3] [--device cpu] [--out FILE.md]
+    [--batch-size 1] [--steps 3] [--doc-length 0] [--device cpu] [--out FILE.md]
 
 For each (mixer, length, P): P processes (gloo on CPUs: spawned here, each with cores / P threads; NCCL on
 GPUs: one process per GPU, P <= the GPU count) run forward+backward of the preset's model on one random
-sequence of that length, each on its slice under `ramba.parallel.context_parallel`, and sum the gradients.
+sequence of that length (packed documents of about --doc-length tokens each, when given), each on its slice
+under `ramba.parallel.context_parallel`, and sum the gradients.
 Reported: the median step time after one untimed step, tokens/s, the ratio to one process, the peak memory
 of a process (GPU: allocated; CPU: resident set), and the bytes a rank moved per token of the sequence
 (`ramba.parallel.traffic`: halos, gathered memory and their gradients; its median over ranks).
@@ -54,6 +55,11 @@ def measure(rank: int, size: int, args: argparse.Namespace, mixer: str, length: 
         ids = torch.randint(0, config.vocab_size, (args.batch_size, length),
                             generator=torch.Generator().manual_seed(1)).to(device)
         piece = ids[:, rank * length // size:(rank + 1) * length // size]
+        docs = {}
+        if args.doc_length:
+            starts = torch.rand(ids.shape, generator=torch.Generator().manual_seed(2)) < 1 / args.doc_length
+            doc_ids = starts.long().cumsum(dim=1).to(device)
+            docs["doc_ids"] = doc_ids[:, rank * length // size:(rank + 1) * length // size]
         times = []
         for step in range(args.steps + 1):
             reset_traffic()
@@ -61,7 +67,7 @@ def measure(rank: int, size: int, args: argparse.Namespace, mixer: str, length: 
                 torch.cuda.synchronize()
             start = time.perf_counter()
             with torch.autocast(device.type, torch.bfloat16, enabled=cuda):
-                loss_and_gradients(model, piece, piece)
+                loss_and_gradients(model, piece, piece, **docs)
             model.zero_grad(set_to_none=True)
             if cuda:
                 torch.cuda.synchronize()
@@ -87,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lengths", default="4k,16k", help="tokens per sequence")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed steps (after one untimed)")
+    p.add_argument("--doc-length", type=int, default=0, help="mean length of packed documents (0: one a row)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", help="also write the table, with the command, to this markdown file")
     args = p.parse_args(argv)
@@ -115,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(f"# Context parallelism\n\n`{command_line('context_parallel', argv)}`\n\n{args.device}, torch "
-                    f"{torch.__version__}, batch {args.batch_size}, {args.steps} timed steps\n\n{table}\n")
+                    f"{torch.__version__}, batch {args.batch_size}, {args.steps} timed steps, documents of about "
+                    f"{args.doc_length or 'the whole row'} tokens\n\n{table}\n")
 
 
 if __name__ == "__main__":
