@@ -27,7 +27,7 @@ from .memory import Memory
 from .ops import DocIndex
 from .parallel.group import active
 from .parallel.model import check_inputs as check_context_parallel
-from .parallel.documents import ShardedDocLayout, shard_documents, sharded_doc_memory
+from .parallel.documents import ShardedDocLayout, padding_as_documents, shard_documents, sharded_doc_memory
 from .parallel.model import gather_memory, global_mean_loss, global_positions, next_token_targets
 
 CONFIG_FILE = "config.json"
@@ -198,9 +198,9 @@ class HSAHybrid(nn.Module):
             raise ValueError("labels need the logits of every position: leave logits_to_keep unset")
         cp = active()
         if cp is not None:
-            padded = attention_mask is not None and not bool((attention_mask != 0).all())
-            check_context_parallel(cp, self.config.chunk_size, input_ids, cu_seqlens is not None or padded,
+            check_context_parallel(cp, self.config.chunk_size, input_ids, cu_seqlens is not None,
                                    cache is not None, logits_to_keep, self.gradient_checkpointing and self.training)
+            doc_ids, labels, attention_mask = padding_as_documents(attention_mask, doc_ids, labels)
         if cache is not None:
             if doc_ids is not None or cu_seqlens is not None:
                 raise ValueError("packed documents (doc_ids, cu_seqlens) are not supported with a cache: run one "
@@ -261,7 +261,7 @@ class HSAHybrid(nn.Module):
         length = input_ids.shape[1]
         cp = active()  # under context parallelism: this rank's slice, at its global positions
         if cp is not None and doc_ids is not None:  # documents may continue across the slices
-            layout = shard_documents(doc_ids.to(input_ids.device), cp)
+            layout = shard_documents(doc_ids.to(input_ids.device), cp, attention_mask)
         else:
             layout = build_layout(tuple(input_ids.shape), input_ids.device, attention_mask, doc_ids, cu_seqlens)
         positions = None if cp is None else global_positions(cp, length, input_ids.device)

@@ -189,7 +189,7 @@ def context_parallel_swa(q: Tensor, k: Tensor, v: Tensor, window: int, group: di
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     width = window - 1
     if dist.get_world_size(group) == 1 or width == 0:
-        return sliding_window_attention(q, k, v, window, backend=backend)
+        return sliding_window_attention(q, k, v, window, docs, backend)
     if width > q.shape[1]:
         raise ValueError(f"context_parallel_swa: the window ({window}) needs a halo of {width} keys, more than "
                          f"this rank's slice of {q.shape[1]} positions: use fewer ranks or longer slices")

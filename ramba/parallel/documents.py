@@ -23,6 +23,7 @@ from ..documents import DocLayout
 from ..memory import ChunkMemory
 from .context import all_gather_autograd, halo_exchange
 from .group import ContextParallel
+from .model import IGNORE_INDEX
 
 
 class SliceDocs(DocIndex):
@@ -56,9 +57,27 @@ class ShardedDocLayout(DocLayout):
         return self.unpack(self.docs.offsets).clamp(min=0)
 
 
-def shard_documents(doc_ids: Tensor, cp: ContextParallel) -> ShardedDocLayout:
+def padding_as_documents(attention_mask: Tensor | None, doc_ids: Tensor | None,
+                         labels: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Padding (attention_mask 0) kept apart as on one process: doc_ids [B, Lr] become 2 * id on tokens and -1
+    on padding (a run of padding is a document of its own and splits the one it interrupts), padding
+    positions' labels are ignored, and valid bool [B, Lr] marks the tokens. Every rank must pass a mask, or
+    none (the ids must be renamed alike on all ranks, also where a slice has no padding); without one, doc_ids
+    and labels come back unchanged."""
+    if attention_mask is None:
+        return doc_ids, labels, None
+    valid = attention_mask != 0
+    base = torch.zeros_like(valid, dtype=torch.long) if doc_ids is None else doc_ids.long()
+    if labels is not None:
+        labels = labels.masked_fill(~valid.to(labels.device), IGNORE_INDEX)
+    return torch.where(valid, 2 * base, -1), labels, valid
+
+
+def shard_documents(doc_ids: Tensor, cp: ContextParallel, valid: Tensor | None = None) -> ShardedDocLayout:
     """doc_ids [B, Lr] (this rank's slice of the batch's ids; runs of equal ids are documents, also across
-    the slice boundaries) -> the layout of the slice. Collective: one small all-gather of [B, 3] integers."""
+    the slice boundaries) -> the layout of the slice; valid bool [B, Lr]: the tokens that are not padding (the
+    per-document view, hence retrieval, skips padding, as on one process). Collective: one small all-gather of
+    [B, 3] integers."""
     batch, length = doc_ids.shape
     device = doc_ids.device
     positions = torch.arange(cp.rank * length, (cp.rank + 1) * length, device=device)
@@ -80,12 +99,14 @@ def shard_documents(doc_ids: Tensor, cp: ContextParallel) -> ShardedDocLayout:
     docs = SliceDocs(keys, starts, positions)
     pieces = starts.clone()
     pieces[:, 0] = True
-    flat = torch.arange(batch * length, device=device).view(batch, length)
-    piece = pieces.flatten().long().cumsum(0) - 1
-    first = flat.flatten()[pieces.flatten()]
-    pos = flat.flatten() - first[piece]
+    real = torch.ones_like(starts) if valid is None else valid.to(device)
+    pieces &= real
+    flat = torch.arange(batch * length, device=device)[real.flatten()]    # the tokens, in order
+    piece = pieces.flatten()[flat].long().cumsum(0) - 1
+    first = flat[pieces.flatten()[flat]]
+    pos = flat - first[piece]
     rows = torch.full((first.numel(), int(pos.max()) + 1), -1, dtype=torch.long, device=device)
-    rows[piece, pos] = flat.flatten()
+    rows[piece, pos] = flat
     return ShardedDocLayout(batch, length, docs, rows)
 
 

@@ -28,16 +28,15 @@ from .group import ContextParallel, context_parallel
 IGNORE_INDEX = -100
 
 
-def check_inputs(cp: ContextParallel, chunk_size: int, input_ids: torch.Tensor, unsharded_layout: bool,
+def check_inputs(cp: ContextParallel, chunk_size: int, input_ids: torch.Tensor, cu_seqlens: bool,
                  cached: bool, logits_to_keep: int | None, checkpointing: bool) -> None:
     """Raise ValueError, on every rank, for what the context-parallel forward does not take."""
     if cached:
         raise ValueError("context parallelism runs the full forward only (training, scoring): prefill and "
                          "decoding with a cache are not sharded yet; run the cached path on one process")
-    if unsharded_layout:
+    if cu_seqlens:
         raise ValueError("context parallelism takes packed documents as doc_ids (this rank's slice of them), not "
-                         "cu_seqlens, and no padding (attention_mask with zeros): pad with a document of its own "
-                         "whose labels are -100 instead")
+                         "cu_seqlens (offsets into the whole flattened batch)")
     if logits_to_keep is not None:
         raise ValueError("logits_to_keep is not supported under context parallelism: every rank computes the "
                          "logits of its own slice")
