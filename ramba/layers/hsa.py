@@ -63,5 +63,5 @@ class HSA(nn.Module):
         k, v, kv_indices = memory.for_aggregate(kv_indices)
         o = hsa_aggregate(q, k, v, kv_indices, kv_weights, cfg.chunk_size,  # indices from hsa_retrieve: no sync
                           softmax_off_by_one=cfg.softmax_off_by_one, backend=cfg.ops_backend, check_indices=False)
-        out = self.o_proj(o.reshape(N, L, -1))
+        out = self.o_proj(o.reshape(N, L, cfg.num_heads * cfg.head_dim))
         return layout.pack(out), layout.pack(indices), layout.pack(weights)

@@ -105,7 +105,8 @@ def shard_documents(doc_ids: Tensor, cp: ContextParallel, valid: Tensor | None =
     piece = pieces.flatten()[flat].long().cumsum(0) - 1
     first = flat[pieces.flatten()[flat]]
     pos = flat - first[piece]
-    rows = torch.full((first.numel(), int(pos.max()) + 1), -1, dtype=torch.long, device=device)
+    longest = int(pos.max()) + 1 if pos.numel() else 1                   # no piece: a slice of padding only
+    rows = torch.full((first.numel(), longest), -1, dtype=torch.long, device=device)
     rows[piece, pos] = flat
     return ShardedDocLayout(batch, length, docs, rows)
 
@@ -135,7 +136,8 @@ def sharded_doc_memory(encoder: nn.Module, h: Tensor, layout: ShardedDocLayout, 
     rows = layout.rows
     piece_row = rows[:, 0] // length                                                   # [N]
     piece_key = docs.ids.flatten()[rows[:, 0]]
-    chunks_seen = max(1, int(layout.retrieval_positions(None).max()) // S)
+    seen = layout.retrieval_positions(None)
+    chunks_seen = max(1, int(seen.max()) // S if seen.numel() else 0)
     slot_row = torch.arange(batch, device=h.device)[None, :, None].expand_as(tags[..., 0]).flatten()
     slot_key, slot_chunk = tags[..., 0].flatten(), tags[..., 1].flatten()
     match = ((piece_row[:, None] == slot_row[None]) & (piece_key[:, None] == slot_key[None])
