@@ -13,13 +13,15 @@ slice from the previous rank when the chunk starts there; every rank's chunks ar
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from torch import Tensor, nn
 
 from ramba.ops import DocIndex
 from ramba.ops.utils import starts_from_ids
 
-from ..documents import DocLayout
+from ..documents import DocLayout, build_layout
 from ..memory import ChunkMemory
 from .context import all_gather_autograd, halo_exchange
 from .group import ContextParallel
@@ -54,6 +56,12 @@ class ShardedDocLayout(DocLayout):
     docs: SliceDocs
 
     def retrieval_positions(self, positions: Tensor | None) -> Tensor:
+        return self._piece_offsets
+
+    @cached_property
+    def _piece_offsets(self) -> Tensor:
+        """[N, Lmax]: the per-document view's positions in their documents (0 past a piece's end); every HSA
+        layer and the memory read them."""
         return self.unpack(self.docs.offsets).clamp(min=0)
 
 
@@ -97,18 +105,10 @@ def shard_documents(doc_ids: Tensor, cp: ContextParallel, valid: Tensor | None =
     local_keys = torch.where(starts, positions, -1).cummax(dim=1).values
     keys = torch.where(local_keys >= 0, local_keys, carry[:, None])
     docs = SliceDocs(keys, starts, positions)
-    pieces = starts.clone()
-    pieces[:, 0] = True
-    real = torch.ones_like(starts) if valid is None else valid.to(device)
-    pieces &= real
-    flat = torch.arange(batch * length, device=device)[real.flatten()]    # the tokens, in order
-    piece = pieces.flatten()[flat].long().cumsum(0) - 1
-    first = flat[pieces.flatten()[flat]]
-    pos = flat - first[piece]
-    longest = int(pos.max()) + 1 if pos.numel() else 1                   # no piece: a slice of padding only
-    rows = torch.full((first.numel(), longest), -1, dtype=torch.long, device=device)
-    rows[piece, pos] = flat
-    return ShardedDocLayout(batch, length, docs, rows)
+    if valid is not None and not bool(valid.any()):  # a slice of padding only: no piece of a document
+        return ShardedDocLayout(batch, length, docs, torch.full((0, 1), -1, dtype=torch.long, device=device))
+    # the rows of the local pieces, as one process lays out documents (a piece starts each slice's row)
+    return ShardedDocLayout(batch, length, docs, build_layout((batch, length), device, valid, keys).rows)
 
 
 def sharded_doc_memory(encoder: nn.Module, h: Tensor, layout: ShardedDocLayout, cp: ContextParallel) -> ChunkMemory:
