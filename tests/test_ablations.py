@@ -28,7 +28,8 @@ def test_every_variant_is_a_valid_config_that_differs_from_base_in_its_name_only
                 "mamba2-upper-horizon": {"local_mixer", "mamba_horizon"}, "mamba2-reset": {"local_mixer", "mamba_reset"},
                 "mamba2-reset-horizon": {"local_mixer", "mamba_reset", "mamba_horizon"},
                 "mamba2-reset-256": {"local_mixer", "mamba_reset", "mamba_reset_upper"},
-                "mamba2-reset-all": {"local_mixer", "mamba_reset", "mamba_reset_upper"}}
+                "mamba2-reset-all": {"local_mixer", "mamba_reset", "mamba_reset_upper"},
+                "mamba2-reset-lower": {"local_mixer", "mamba_reset"}}
     assert changed == expected[name]
 
 

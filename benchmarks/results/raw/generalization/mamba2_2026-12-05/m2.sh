@@ -8,7 +8,7 @@
 #   DEPTHS=0,0.25,0.5,0.75,1 SAMPLES=4 LIMIT_S=500 BUDGET_S=560 DRIFT_LENGTH=64k
 #   VARIANTS="mamba2 mamba2-horizon-128 mamba2-upper-horizon mamba2-reset mamba2-reset-horizon" bash .../m2.sh
 # The fourth call (mamba_reset_upper): RUN=m4 DEPTHS=0,0.25,0.5,0.75,1 SAMPLES=4 LIMIT_S=400 BUDGET_S=450
-#   DRIFT_LENGTH=64k VARIANTS="mamba2-reset-256 mamba2-reset-all" bash .../m2.sh
+#   DRIFT_LENGTH=64k VARIANTS="mamba2-reset-256 mamba2-reset-all mamba2-reset-lower" bash .../m2.sh
 set -u
 run="${RUN:-m2}"; out="${OUT:-out}"; runs=runs/$run; mkdir -p "$runs" "$out"
 [ -n "${DEVICE:-}" ] || source benchmarks/device_setup.sh
