@@ -4,7 +4,7 @@ on the saved model at long lengths.
 
 python -m benchmarks.ablations [--variants base,mean,...] [--steps 600] [--length 768] [--min-length 160] \
     [--batch-size 32] [--lengths 4k,64k,1m] [--depths 0,0.25,0.5,0.75,1] [--samples 2] [--segment 4096] \
-    [--out DIR] [--device cuda]
+    [--init DIR] [--out DIR] [--device cuda]
 
 OUT/VARIANT/ holds the saved model and training.md (the learning curve); OUT/passkey/ the benchmark's
 results.jsonl, summary.md and plots, one line per variant. A variant is never evaluated at lengths beyond
@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     p.add_argument("--samples", type=int, default=2, help="benchmark samples per (length, depth)")
     p.add_argument("--segment", type=int, default=4096, help="prefill segment of the benchmark in tokens")
+    p.add_argument("--init", metavar="DIR", help="start every variant from this saved model, its config changed by "
+                   "the variant's fields (a curriculum: e.g. a model trained with a shortcut, retrained without)")
     p.add_argument("--out", default="runs/ablations")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     args = p.parse_args(argv)
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
                       "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--eval-every",
                       str(args.eval_every), "--save", str(folder), "--out", str(out / f"{name}.md")]
         train_args += [f"--set={k}={v}" for k, v in overrides.items()]
+        if args.init:
+            train_args += ["--init", args.init]
         if args.device:
             train_args += ["--device", args.device]
         print(f"## {name}: {overrides}", flush=True)

@@ -2,9 +2,9 @@
 
 python -m benchmarks.learnability [--preset tiny] [--set hsa_residual=standard ...] [--task passkey]
     [--length 1024] [--min-length 256] [--max-depth 1.0] [--steps 700] [--batch-size 32] [--lr 1e-3]
-    [--eval-every 100] [--device cuda] [--out FILE] [--save DIR]
+    [--eval-every 100] [--init DIR] [--device cuda] [--out FILE] [--save DIR]
 
-Trains a fresh model on the prompts of one task, pass keys by default, or another with number answers such
+Trains a fresh model (or, with `--init DIR`, the saved model in DIR, its config changed by --set) on the prompts of one task, pass keys by default, or another with number answers such
 as niah_multikey_1 (loss on the answer tokens: a space, the key and the
 end-of-sequence token, so that a saved model stops after the key as the benchmarks expect), prompt
 lengths drawn from [min-length, length], the needle at a depth drawn from [0, max-depth]. Every eval-every
@@ -97,6 +97,17 @@ def parse_sets(items: list[str]) -> dict[str, object]:
     return overrides
 
 
+def build_model(preset: str, overrides: dict[str, object], init: str | None) -> HSAHybrid:
+    """A fresh float32 model of `preset` with `overrides`, or the saved model in directory `init` with its
+    config's fields replaced by `overrides` (only those that keep every weight's shape)."""
+    try:
+        if init is None:
+            return HSAHybrid(HSAHybridConfig.preset(preset, **overrides))
+        return HSAHybrid.from_pretrained(init, dtype=torch.float32, **overrides)
+    except (TypeError, ValueError, OSError) as err:
+        raise BenchmarkError(f"model config: {err}") from None
+
+
 def run(args: argparse.Namespace) -> list[str]:
     """Train and evaluate as the arguments say; returns the markdown table rows (also printed as they come)."""
     if not 16 <= args.min_length <= args.length:
@@ -108,16 +119,11 @@ def run(args: argparse.Namespace) -> list[str]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     autocast = device.type == "cuda" and not args.fp32
     torch.manual_seed(args.seed)
-    overrides = parse_sets(args.set)
-    try:
-        config = HSAHybridConfig.preset(args.preset, **overrides)
-    except (TypeError, ValueError) as err:
-        raise BenchmarkError(f"model config: {err}") from None
+    model = build_model(args.preset, parse_sets(args.set), args.init).to(device)
     tokenizer = ByteTokenizer()
-    if config.vocab_size < tokenizer.vocab_size:
+    if model.config.vocab_size < tokenizer.vocab_size:
         raise BenchmarkError(f"the byte tokenizer needs vocab_size >= {tokenizer.vocab_size}, the config has "
-                             f"{config.vocab_size}")
-    model = HSAHybrid(config).to(device)
+                             f"{model.config.vocab_size}")
     optimizer = build_optimizer(model, args.lr, weight_decay=0.0)
     schedule = build_scheduler(optimizer, args.warmup, args.steps, min_ratio=1.0)  # warmup, then constant
     batch = dict(tokenizer=tokenizer, size=args.batch_size, min_length=args.min_length, length=args.length,
@@ -162,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", metavar="DIR", help="start from this saved model (save_pretrained) instead of a fresh "
+                   "one; --set then changes its config (fields that keep the weights' shapes); --preset is unused")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--out", help="also write the table, with the command, to this markdown file")

@@ -78,3 +78,26 @@ def test_multikey_batches_ask_one_of_several_keys():
         prompt = tok.decode(row_ids[:start].tolist())
         numbers = re.findall(r"\d{7}", prompt)
         assert answer in numbers and len(set(numbers)) >= 2  # the asked value among the others
+
+
+def test_init_starts_from_the_saved_weights_with_the_config_changed(tmp_path):
+    first = HSAHybrid.from_pretrained(_train(tmp_path / "first", ["--set", "window=32"]))
+    again = HSAHybrid.from_pretrained(_train(tmp_path / "again", ["--init", str(tmp_path / "first"), "--set",
+                                                                   "window=16", "--lr", "0"]))
+    assert (first.config.window, again.config.window) == (32, 16)
+    for (name, a), (_, b) in zip(first.state_dict().items(), again.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)  # lr 0: the step left every weight as loaded
+
+
+def test_init_that_does_not_fit_is_named(tmp_path):
+    _train(tmp_path / "first", [])
+    with pytest.raises(SystemExit, match="does not fit"):
+        _train(tmp_path / "again", ["--init", str(tmp_path / "first"), "--set", "d_model=96"])
+    with pytest.raises(SystemExit, match="config.json not found"):
+        _train(tmp_path / "again", ["--init", str(tmp_path / "missing")])
+
+
+def _train(folder, extra):
+    main(["--length", "160", "--min-length", "128", "--steps", "1", "--batch-size", "2", "--eval-every", "1",
+          "--eval-batches", "1", "--device", "cpu", "--save", str(folder), *extra])
+    return folder
