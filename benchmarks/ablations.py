@@ -3,8 +3,8 @@ way by benchmarks.learnability (pass-key prompts, same steps, batch, lengths and
 on the saved model at long lengths.
 
 python -m benchmarks.ablations [--variants base,mean,...] [--steps 600] [--length 768] [--min-length 160] \
-    [--batch-size 32] [--lengths 4k,64k,1m] [--depths 0,0.25,0.5,0.75,1] [--samples 2] [--segment 4096] \
-    [--init DIR] [--out DIR] [--device cuda]
+    [--batch-size 32] [--lr 1e-3] [--min-lr-ratio 1] [--lengths 4k,64k,1m] [--depths 0,0.25,0.5,0.75,1] \
+    [--samples 2] [--segment 4096] [--init DIR] [--out DIR] [--device cuda]
 
 OUT/VARIANT/ holds the saved model and training.md (the learning curve); OUT/passkey/ the benchmark's
 results.jsonl, summary.md and plots, one line per variant. A variant is never evaluated at lengths beyond
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-length", type=int, default=160, help="shortest training prompt in tokens")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=1.0, help="cosine decay to this fraction of --lr (1: constant)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--lengths", default="4k,64k,1m", help="benchmark prompt lengths")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
@@ -93,8 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         overrides, folder = VARIANTS[name], out / name
         train_args = ["--length", str(args.length), "--min-length", str(args.min_length), "--steps", str(args.steps),
-                      "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--eval-every",
-                      str(args.eval_every), "--save", str(folder), "--out", str(out / f"{name}.md")]
+                      "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--min-lr-ratio",
+                      str(args.min_lr_ratio), "--eval-every", str(args.eval_every), "--save", str(folder),
+                      "--out", str(out / f"{name}.md")]
         train_args += [f"--set={k}={v}" for k, v in overrides.items()]
         if args.init:
             train_args += ["--init", args.init]

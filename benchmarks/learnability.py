@@ -2,12 +2,12 @@
 
 python -m benchmarks.learnability [--preset tiny] [--set hsa_residual=standard ...] [--task passkey]
     [--length 1024] [--min-length 256] [--max-depth 1.0] [--steps 700] [--batch-size 32] [--lr 1e-3]
-    [--eval-every 100] [--init DIR] [--device cuda] [--out FILE] [--save DIR]
+    [--min-lr-ratio 1] [--eval-every 100] [--init DIR] [--device cuda] [--out FILE] [--save DIR]
 
-Trains a fresh model (or, with `--init DIR`, the saved model in DIR, its config changed by --set) on the prompts of one task, pass keys by default, or another with number answers such
-as niah_multikey_1 (loss on the answer tokens: a space, the key and the
-end-of-sequence token, so that a saved model stops after the key as the benchmarks expect), prompt
-lengths drawn from [min-length, length], the needle at a depth drawn from [0, max-depth]. Every eval-every
+Trains a fresh model (or, with `--init DIR`, the saved model in DIR, its config changed by --set) on the
+prompts of one task, pass keys by default, or another with number answers such as niah_multikey_1 (loss
+on the answer tokens: a space, the key and the end-of-sequence token, so that a saved model stops after the
+key as the benchmarks expect), prompt lengths drawn from [min-length, length], the needle at a depth drawn from [0, max-depth]. Every eval-every
 steps it prints the held-out answer loss, the fraction of answer tokens predicted right (teacher forcing)
 and the fraction of keys entirely right. Meant for comparing configurations (residual rule, landmarks,
 top-k, window) in minutes; `--save DIR` keeps the model for benchmarks.passkey and the others.
@@ -125,7 +125,9 @@ def run(args: argparse.Namespace) -> list[str]:
         raise BenchmarkError(f"the byte tokenizer needs vocab_size >= {tokenizer.vocab_size}, the config has "
                              f"{model.config.vocab_size}")
     optimizer = build_optimizer(model, args.lr, weight_decay=0.0)
-    schedule = build_scheduler(optimizer, args.warmup, args.steps, min_ratio=1.0)  # warmup, then constant
+    if not 0.0 <= args.min_lr_ratio <= 1.0:
+        raise BenchmarkError(f"--min-lr-ratio must lie in [0, 1], got {args.min_lr_ratio}")
+    schedule = build_scheduler(optimizer, args.warmup, args.steps, min_ratio=args.min_lr_ratio)
     batch = dict(tokenizer=tokenizer, size=args.batch_size, min_length=args.min_length, length=args.length,
                  max_depth=args.max_depth, task=args.task)
     try:
@@ -165,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--min-lr-ratio", type=float, default=1.0,
+                   help="cosine decay after the warmup to this fraction of --lr at the last step (1: constant)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)

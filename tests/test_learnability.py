@@ -101,3 +101,8 @@ def _train(folder, extra):
     main(["--length", "160", "--min-length", "128", "--steps", "1", "--batch-size", "2", "--eval-every", "1",
           "--eval-batches", "1", "--device", "cpu", "--save", str(folder), *extra])
     return folder
+
+
+def test_min_lr_ratio_out_of_range_is_named():
+    with pytest.raises(SystemExit, match="min-lr-ratio"):
+        main(["--min-lr-ratio", "1.5", "--steps", "1"])

@@ -7,19 +7,25 @@
 # variant's fields). Run from the repository root (STEPS_N, LIMIT_S, LENGTHS and DEVICE shrink it for a CPU dry run):
 #   RUN=m5 bash benchmarks/results/raw/generalization/mamba2_2026-12-05/m5.sh
 # Outputs: $OUT/$RUN.tar.gz, $OUT/model-*.safetensors.
+# The sixth call (the curriculum with a lower, decaying learning rate; m5's runs were unstable at a constant 1e-3):
+#   RUN=m6 JOBS="$M6" bash .../m5.sh, with M6 the three lines
+#   all-3e-4 mamba2-reset-all 3000 runs/init/mamba2-reset 3e-4 0.1
+#   all-1e-4 mamba2-reset-all 3000 runs/init/mamba2-reset 1e-4 0.1
+#   256-3e-4 mamba2-reset-256 3000 runs/init/mamba2-reset 3e-4 0.1
 set -u
 run="${RUN:-m5}"; out="${OUT:-out}"; runs=runs/$run; mkdir -p "$runs" "$out"
 [ -n "${DEVICE:-}" ] || source benchmarks/device_setup.sh
 start=$SECONDS
 dev=${DEVICE:+--device $DEVICE}
 steps=${STEPS_N:-2400}
-# name variant steps init
-jobs="curriculum-256 mamba2-reset-256 $steps runs/init/mamba2-reset
-curriculum-all mamba2-reset-all $steps runs/init/mamba2-reset
-scratch-lower mamba2-reset-lower $((2 * steps)) -"
-while read -r name variant n init; do
+# name variant steps init lr min-lr-ratio
+jobs="${JOBS:-curriculum-256 mamba2-reset-256 $steps runs/init/mamba2-reset 1e-3 1
+curriculum-all mamba2-reset-all $steps runs/init/mamba2-reset 1e-3 1
+scratch-lower mamba2-reset-lower $((2 * steps)) - 1e-3 1}"
+while read -r name variant n init lr ratio; do
     init_arg=(); [ "$init" = - ] || init_arg=(--init "$init")
     timeout "${LIMIT_S:-470}" python3 -m benchmarks.ablations --variants "$variant" --steps "$n" --length 640 \
+        --lr "$lr" --min-lr-ratio "$ratio" \
         --min-length 160 --batch-size 32 --eval-every 300 --lengths "${LENGTHS:-4k,64k,1m}" \
         --depths 0,0.25,0.5,0.75,1 --samples 4 --segment 65536 "${init_arg[@]}" $dev --out "$runs/$name" \
         > "$runs/$name.log" 2>&1 &
@@ -29,7 +35,7 @@ echo "training and pass keys: $((SECONDS - start)) s"
 tar czf "$out/$run.tar.gz" --exclude='*.safetensors' "$runs"
 left=$(( ${BUDGET_S:-540} - (SECONDS - start) )); left=$(( left > 20 ? left - 10 : 10 ))
 models=()
-while read -r name variant n init; do
+while read -r name variant n init lr ratio; do
     [ -f "$runs/$name/$variant/model.safetensors" ] && models+=("$name=$runs/$name/$variant")
 done <<< "$jobs"
 for nm in "${models[@]}"; do
@@ -46,7 +52,7 @@ for nm in "${models[@]}"; do  # bf16 weights (a file comes back under 16 MiB)
 save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(sys.argv[1]).items()}, sys.argv[2])" \
         "${nm#*=}/model.safetensors" "$out/model-${nm%%=*}.safetensors"
 done
-while read -r name variant n init; do grep "^|" "$runs/$name/$variant.md" | tail -4; done <<< "$jobs"
-while read -r name variant n init; do echo "$name"; grep -A2 "^| model" "$runs/$name/passkey/summary.md" | tail -1; done <<< "$jobs"
+while read -r name variant n init lr ratio; do grep "^|" "$runs/$name/$variant.md" | tail -4; done <<< "$jobs"
+while read -r name variant n init lr ratio; do echo "$name"; grep -A2 "^| model" "$runs/$name/passkey/summary.md" | tail -1; done <<< "$jobs"
 for nm in "${models[@]}"; do echo "${nm%%=*}"; grep "^|" "$runs/probe-${nm%%=*}.md" | tail -2; done
 grep "^|" "$runs/drift.md"
