@@ -52,6 +52,9 @@ VARIANTS: dict[str, dict[str, object]] = {
     "mamba2-reset-256": {**BASE, "local_mixer": "mamba2", "mamba_reset": 64, "mamba_reset_upper": 256},
     # chunk-local Mamba2 everywhere: the memory is the only path beyond a chunk
     "mamba2-reset-all": {**BASE, "local_mixer": "mamba2", "mamba_reset": 64, "mamba_reset_upper": 64},
+    # the same with staggered restarts: every second block restarts at the chunks' middles (context >= 32 tokens)
+    "mamba2-reset-all-stagger": {**BASE, "local_mixer": "mamba2", "mamba_reset": 64, "mamba_reset_upper": 64,
+                                 "mamba_reset_stagger": True},
     # chunk-local Mamba2 below the memory (landmarks, queries) and SWA above it (reading, answering)
     "mamba2-reset-lower": {**BASE, "local_mixer": ["mamba2", "mamba2", "swa", "swa"], "mamba_reset": 64},
 }

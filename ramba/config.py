@@ -27,7 +27,8 @@ POSITIVE_INTS = ("vocab_size", "d_model", "num_heads", "num_kv_heads", "head_dim
                  "hsa_every")
 NON_NEGATIVE_INTS = ("n_lower_layers", "n_upper_layers", "encoder_layers", "intermediate_size", "mamba_horizon",
                      "mamba_reset", "mamba_reset_upper")
-BOOLS = ("plain_block_mlp", "use_hsa", "retrieve_beyond_window", "softmax_off_by_one", "tie_embeddings")
+BOOLS = ("plain_block_mlp", "use_hsa", "retrieve_beyond_window", "softmax_off_by_one", "tie_embeddings",
+         "mamba_reset_stagger")
 POSITIVE_FLOATS = ("rope_theta", "norm_eps")
 NON_NEGATIVE_FLOATS = ("gumbel_noise", "initializer_range")
 
@@ -102,6 +103,10 @@ class HSAHybridConfig:
     # the same for the Mamba2 blocks above the memory (0: never); at most the training length, every state at
     # any length has seen no more tokens than in training
     mamba_reset_upper: int = 0
+    # with a reset R, every second Mamba2 block of each side restarts R // 2 tokens later than the first (at
+    # offsets R/2, 3R/2, ...): each token then has at least R/2 tokens of context in one of them, as a sliding
+    # window gives, and still no state is older than R tokens
+    mamba_reset_stagger: bool = False
     # chunk memory and retrieval (use_hsa=False: the same stack with plain blocks only, the mixer-only baseline)
     use_hsa: bool = True
     chunk_size: int = 64
@@ -196,6 +201,8 @@ class HSAHybridConfig:
              "'cls' needs encoder_layers >= 1 (with no encoder layer the CLS vector sees no token); "
              "use landmark='mean' or add an encoder layer")
 
+        need(not self.mamba_reset_stagger or self.mamba_reset or self.mamba_reset_upper, "mamba_reset_stagger",
+             "staggers the restarts of mamba_reset / mamba_reset_upper: set one of them too, or leave it false")
         need(isinstance(self.local_mixer, (str, list, tuple)), "local_mixer",
              f"must be one of {MIXERS} or a list of them (one per block), got {self.local_mixer!r}")
         if isinstance(self.local_mixer, str):

@@ -29,7 +29,8 @@ def test_every_variant_is_a_valid_config_that_differs_from_base_in_its_name_only
                 "mamba2-reset-horizon": {"local_mixer", "mamba_reset", "mamba_horizon"},
                 "mamba2-reset-256": {"local_mixer", "mamba_reset", "mamba_reset_upper"},
                 "mamba2-reset-all": {"local_mixer", "mamba_reset", "mamba_reset_upper"},
-                "mamba2-reset-lower": {"local_mixer", "mamba_reset"}}
+                "mamba2-reset-lower": {"local_mixer", "mamba_reset"},
+                "mamba2-reset-all-stagger": {"local_mixer", "mamba_reset", "mamba_reset_upper", "mamba_reset_stagger"}}
     assert changed == expected[name]
 
 

@@ -19,7 +19,8 @@ def model_for(mixer) -> HSAHybrid:
     key = str(mixer)
     if key not in MODELS:
         torch.manual_seed(0)
-        config = (small_config(local_mixer="mamba2", mamba_reset=11, mamba_reset_upper=13) if mixer == "mamba2-reset"
+        config = (small_config(local_mixer="mamba2", mamba_reset=11, mamba_reset_upper=13, mamba_reset_stagger=True)
+                  if mixer == "mamba2-reset"
                   else small_config(local_mixer=mixer))
         MODELS[key] = HSAHybrid(config).double().eval()
     return MODELS[key]

@@ -27,7 +27,7 @@ def config_for(mixer, chunk: int, topk: int, window: int, residual: str, reset: 
                            num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=48, window=window,
                            d_state=8, mamba_head_dim=16, mamba_chunk_size=16, chunk_size=chunk, topk=topk,
                            retrieval_dim=8, initializer_range=0.3, local_mixer=mixer, hsa_residual=residual,
-                           mamba_reset=reset, mamba_reset_upper=2 * reset)
+                           mamba_reset=reset, mamba_reset_upper=2 * reset, mamba_reset_stagger=bool(reset))
 
 
 def check_model(rank: int, size: int, mixer, seed: int) -> None:

@@ -26,9 +26,9 @@ def make_config(**overrides) -> HSAHybridConfig:
     return HSAHybridConfig(**{**fields, **overrides})
 
 
-def make_layer(seed: int = 0, **overrides) -> Mamba2:
+def make_layer(seed: int = 0, layer_idx: int = 0, **overrides) -> Mamba2:
     torch.manual_seed(seed)
-    layer = Mamba2(make_config(**overrides), layer_idx=0).double()
+    layer = Mamba2(make_config(**overrides), layer_idx=layer_idx).double()
     with torch.no_grad():  # non-trivial values everywhere, so every path shows up in the outputs
         for param in layer.parameters():
             param.add_(0.1 * torch.randn_like(param))
@@ -276,50 +276,58 @@ def test_horizon_cached_path_equals_full_forward(l, cut, seed):
     torch.testing.assert_close(torch.cat(pieces, dim=1), layer(x), rtol=1e-9, atol=1e-9)
 
 
-def restarts_reference(doc_ids: torch.Tensor, reset: int) -> list[list[bool]]:
-    """Where a reset layer's state restarts, by counting: each document's tokens 0, R, 2R, ..."""
+def restarts_reference(doc_ids: torch.Tensor, reset: int, phase: int = 0) -> list[list[bool]]:
+    """Where a reset layer's state restarts, by counting: each document's first token and its tokens phase,
+    phase + R, phase + 2R, ..."""
     out = []
     for row in doc_ids.tolist():
         flags, offset = [], 0
         for t, doc in enumerate(row):
             offset = 0 if t == 0 or doc != row[t - 1] else offset + 1
-            flags.append(offset % reset == 0)
+            flags.append(offset == 0 or (offset >= phase and (offset - phase) % reset == 0))
         out.append(flags)
     return out
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(l=st.integers(1, 40), reset=st.integers(1, 9), doc_prob=st.sampled_from([0.0, 0.1, 0.3]),
-       seed=st.integers(0, 2**31 - 1))
-def test_reset_restarts_every_r_tokens_of_each_document(l, reset, doc_prob, seed):
+       layer_idx=st.integers(0, 1), stagger=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_reset_restarts_every_r_tokens_of_each_document(l, reset, doc_prob, layer_idx, stagger, seed):
     gen = torch.Generator().manual_seed(seed)
-    layer = make_layer(mamba_reset=reset, n_lower_layers=1)
+    layer = make_layer(layer_idx=layer_idx, mamba_reset=reset, n_lower_layers=2, mamba_reset_stagger=stagger)
+    phase = reset // 2 if stagger and layer_idx == 1 else 0
     doc_ids = random_doc_ids(gen, 3, l, doc_prob)
     docs = as_doc_index(doc_ids if doc_prob else None)
     restart = layer._restarts(docs, 3, l, None, torch.device("cpu"))
-    assert restart.tolist() == restarts_reference(doc_ids if doc_prob else torch.zeros(3, l), reset)
+    expected = restarts_reference(doc_ids if doc_prob else torch.zeros(3, l), reset, phase)
+    if not doc_prob:  # without documents the first token is no restart (the state starts from zero anyway)
+        expected = [[t % reset == phase for t in range(l)]] * 3
+    assert restart.tolist() == expected
     assert layer._restarts(None, 3, l, torch.arange(100, 100 + l), torch.device("cpu")).tolist() == \
-        [[(100 + t) % reset == 0 for t in range(l)]] * 3
+        [[(100 + t) % reset == phase for t in range(l)]] * 3
 
 
-@settings(max_examples=8, deadline=None)
-@given(l=st.integers(2, 45), reset=st.integers(3, 12), seed=st.integers(0, 2**31 - 1))
-def test_reset_layer_equals_chunk_by_chunk_scans(l, reset, seed):
-    """A layer below the memory with mamba_reset R equals the same weights run R tokens at a time from a zero
-    SSM state, each piece's conv reading the inputs before it (the cached form of a layer without a reset)."""
+@settings(max_examples=10, deadline=None)
+@given(l=st.integers(2, 45), reset=st.integers(3, 12), stagger=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_reset_layer_equals_chunk_by_chunk_scans(l, reset, stagger, seed):
+    """A layer below the memory with mamba_reset R equals the same weights run in pieces from a zero SSM state,
+    cut at R, 2R, ... (at R/2, 3R/2, ... for the second block when staggered), each piece's conv reading the
+    inputs before it (the cached form of a layer without a reset)."""
     gen = torch.Generator().manual_seed(seed)
-    layer = make_layer(seed % 5, mamba_reset=reset, n_lower_layers=1)
-    plain = make_layer(seed % 5, n_lower_layers=1)
+    layer = make_layer(seed % 5, layer_idx=1, mamba_reset=reset, n_lower_layers=2, mamba_reset_stagger=stagger)
+    plain = make_layer(seed % 5, layer_idx=1, n_lower_layers=2)
     x = torch.randn(2, l, 32, generator=gen, dtype=torch.float64)
     with torch.no_grad():
         xbc = plain.in_proj(x)[..., plain.d_inner:plain.d_inner + plain.conv1d.in_channels]
         k = plain.conv1d.kernel_size[0] - 1
         pieces = []
-        for s in range(0, l, reset):
+        phase = reset // 2 if stagger else 0
+        cuts = sorted({0, *range(phase, l, reset), l})
+        for s, e in zip(cuts, cuts[1:]):
             state = plain.allocate_inference_cache(2, x.device, x.dtype)
             before = xbc[:, max(0, s - k):s]
             state.conv[:, k - before.shape[1]:] = before
-            pieces.append(plain(x[:, s:s + reset], state=state))
+            pieces.append(plain(x[:, s:e], state=state))
         torch.testing.assert_close(layer(x), torch.cat(pieces, dim=1), rtol=1e-9, atol=1e-9)
 
 
@@ -328,6 +336,11 @@ def test_reset_below_and_above_the_memory():
     assert [Mamba2(config, i).reset for i in range(4)] == [64, 64, 0, 0]
     config = make_config(n_lower_layers=2, n_upper_layers=2, mamba_reset_upper=256)
     assert [Mamba2(config, i).reset for i in range(4)] == [0, 0, 256, 256]
+    config = make_config(n_lower_layers=2, n_upper_layers=3, mamba_reset=64, mamba_reset_upper=256,
+                         mamba_reset_stagger=True)
+    assert [Mamba2(config, i).reset_phase for i in range(5)] == [0, 32, 0, 128, 0]
+    with pytest.raises(ValueError, match="mamba_reset_stagger.*set one of them"):
+        make_config(mamba_reset_stagger=True)
     with pytest.raises(ValueError, match="positions"):
         layer = Mamba2(config, 2)
         layer(torch.randn(1, 3, 32), state=layer.allocate_inference_cache(1, torch.device("cpu"), torch.float32))

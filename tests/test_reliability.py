@@ -39,7 +39,7 @@ FIELD_KINDS = {
     **dict.fromkeys(["n_lower_layers", "encoder_layers", "mamba_horizon", "mamba_reset",
                      "mamba_reset_upper"], "non_negative_int"),
     **dict.fromkeys(["plain_block_mlp", "use_hsa", "retrieve_beyond_window", "softmax_off_by_one",
-                     "tie_embeddings"], "bool"),
+                     "tie_embeddings", "mamba_reset_stagger"], "bool"),
     **dict.fromkeys(["rope_theta", "norm_eps"], "positive_float"),
     **dict.fromkeys(["gumbel_noise", "initializer_range"], "non_negative_float"),
     **dict.fromkeys(["retrieval_heads", "landmark", "retrieval_weights", "hsa_residual", "swa_backend",

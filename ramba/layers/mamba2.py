@@ -53,7 +53,8 @@ class Mamba2(nn.Module):
 
     x: [B, L, d_model], docs: optional documents (int ids [B, L], contiguous runs of equal id are documents
     that never interact, or a DocIndex) -> [B, L, d_model]. `config.mamba_reset` (below the memory) and
-    `mamba_reset_upper` (above it) restart the SSM state every that many tokens of a document. Its ops
+    `mamba_reset_upper` (above it) restart the SSM state every that many tokens of a document
+    (`mamba_reset_stagger`: every second block half a period later). Its ops
     (`ramba.ops.causal_conv1d`, `ssd_scan`, `gated_rms_norm`) run on `config.mamba_backend`.
     """
 
@@ -68,7 +69,10 @@ class Mamba2(nn.Module):
         self.ngroups = config.n_groups
         self.chunk_size = config.mamba_chunk_size
         self.horizon = config.mamba_horizon
-        self.reset = config.mamba_reset if layer_idx < config.n_lower_layers else config.mamba_reset_upper
+        lower = layer_idx < config.n_lower_layers
+        self.reset = config.mamba_reset if lower else config.mamba_reset_upper
+        side_idx = layer_idx if lower else layer_idx - config.n_lower_layers  # the block's index on its side
+        self.reset_phase = self.reset // 2 if config.mamba_reset_stagger and side_idx % 2 else 0
         self.backend = config.mamba_backend
         conv_dim = self.d_inner + 2 * self.ngroups * self.d_state
 
@@ -130,7 +134,7 @@ class Mamba2(nn.Module):
     def _restarts(self, docs: DocIndex | None, b: int, l: int, positions: Tensor | None,
                   device: torch.device) -> DocIndex | Tensor | None:
         """Where the scan's state restarts: the documents' starts, and with a reset R every token whose position
-        in its document is a multiple of R (bool [b, l]). positions [l]: the tokens' positions when there are no
+        in its document is the block's phase (0, or R // 2 when staggered) plus a multiple of R (bool [b, l]). positions [l]: the tokens' positions when there are no
         documents (a rank's slice of one sequence under context parallelism; default 0 .. l-1)."""
         if not self.reset:
             return docs
@@ -138,7 +142,7 @@ class Mamba2(nn.Module):
             offsets = docs.offsets
         else:
             offsets = (torch.arange(l, device=device) if positions is None else positions).expand(b, l)
-        restart = offsets % self.reset == 0
+        restart = offsets % self.reset == self.reset_phase
         return restart if docs is None else restart | docs.starts
 
     def _scan_inputs(self, xs: Tensor, dt: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -173,7 +177,7 @@ class Mamba2(nn.Module):
             if positions is None:
                 raise ValueError("Mamba2 with a state reset (mamba_reset, mamba_reset_upper) needs the tokens' "
                                  "positions [B, L] in the cached form")
-            restart = positions % self.reset == 0
+            restart = positions % self.reset == self.reset_phase
             restart = restart if valid is None else restart & valid
             if l == 1:  # a decoded token: drop the state where it restarts (keeps the one-step recurrence)
                 state.ssm = torch.where(restart[:, 0, None, None, None], 0.0, state.ssm)
