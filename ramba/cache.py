@@ -13,6 +13,7 @@ import torch
 
 from .config import HSAHybridConfig
 from .memory import ChunkStore
+from .parallel.group import ContextParallel
 
 MAX_POSITION = 2**31 - 1  # token positions are int32 in the kernels
 
@@ -38,6 +39,8 @@ class HSACache:
         # hidden states [B, R, d], whether each is a real token [B, R], and their positions [B, R]
         self.context: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.upper_stale = False
+        # the group this cache is sharded over, set by a prefill under context parallelism (ramba.parallel.cache)
+        self.context_parallel: ContextParallel | None = None
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep rows `index` [B'] (int, any order, repeats allowed) of every row-wise tensor, in place: the cache

@@ -26,7 +26,10 @@ from .layers.norm import RMSNorm
 from .memory import Memory
 from .ops import DocIndex
 from .parallel.group import active
+from .parallel.cache import check_cache_inputs
+from .parallel.cache import forward_cached as forward_cached_sharded
 from .parallel.model import check_inputs as check_context_parallel
+from .parallel.model import check_lengths
 from .parallel.documents import ShardedDocLayout, padding_as_documents, shard_documents, sharded_doc_memory
 from .parallel.model import gather_memory, global_mean_loss, global_positions, next_token_targets
 
@@ -182,7 +185,9 @@ class HSAHybrid(nn.Module):
         into the flattened batch): tokens never mix with, and never retrieve from, another document.
 
         cache: continue from an inference cache (`new_cache`) and update it; the input is the next segment
-        (one token when decoding); attention_mask may mark left padding in the first call only.
+        (one token when decoding); attention_mask may mark left padding in the first call only. Under
+        context_parallel the first call prefills this rank's slice of the prompt into a cache sharded across
+        the ranks, and later calls give every rank the same tokens (ramba.parallel.cache).
         logits_to_keep: compute logits for the last N positions only (0: none). When every upper block is
         SWA, the upper stack then runs only on those positions and their receptive field (exact).
         """
@@ -198,14 +203,25 @@ class HSAHybrid(nn.Module):
             raise ValueError("labels need the logits of every position: leave logits_to_keep unset")
         cp = active()
         if cp is not None:
-            check_context_parallel(cp, self.config.chunk_size, input_ids, cu_seqlens is not None,
-                                   cache is not None, logits_to_keep, self.gradient_checkpointing and self.training)
+            check_context_parallel(cp, self.config.chunk_size, input_ids, cu_seqlens is not None, logits_to_keep,
+                                   self.gradient_checkpointing and self.training)
+            if cache is None:
+                check_lengths(cp, self.config.chunk_size, input_ids)
+            else:
+                check_cache_inputs(cp, cache, self.config.chunk_size, input_ids, attention_mask is not None,
+                                   labels is not None)
             doc_ids, labels, attention_mask = padding_as_documents(attention_mask, doc_ids, labels)
+        elif cache is not None and cache.context_parallel is not None:
+            raise ValueError("this cache is sharded across the ranks of a context-parallel group: continue it "
+                             "under context_parallel(group), on every rank")
         if cache is not None:
             if doc_ids is not None or cu_seqlens is not None:
                 raise ValueError("packed documents (doc_ids, cu_seqlens) are not supported with a cache: run one "
                                  "document per batch row")
-            x, retrieval = self._forward_cached(input_ids, attention_mask, cache, keep)
+            if cp is not None:
+                x, retrieval = forward_cached_sharded(self, input_ids, cache, cp)
+            else:
+                x, retrieval = self._forward_cached(input_ids, attention_mask, cache, keep)
         else:
             x, retrieval = self._forward_full(input_ids, attention_mask, doc_ids, cu_seqlens, keep)
         logits = self.lm_head(self.norm(x))

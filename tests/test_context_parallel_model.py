@@ -110,8 +110,8 @@ def check_bad_input(rank: int, size: int) -> None:
                 model(ids[:, :16 * (1 + rank % 2)])              # ranks disagree on the length
         with pytest.raises(ValueError, match="not cu_seqlens"):
             model(ids, cu_seqlens=torch.tensor([0, 32]))
-        with pytest.raises(ValueError, match="not sharded yet"):
-            model(ids, cache=model.new_cache(1))
+        with pytest.raises(ValueError, match="labels are not supported with a cache"):
+            model(ids, labels=ids, cache=model.new_cache(1))     # more in test_context_parallel_cache.py
         model.gradient_checkpointing = True
         with pytest.raises(ValueError, match="gradient_checkpointing off"):
             model(ids)
@@ -119,10 +119,15 @@ def check_bad_input(rank: int, size: int) -> None:
         model(ids)                                               # and a good call still works after them
 
 
-def worker(rank: int, size: int, init_file: str) -> None:
+def init_gloo(rank: int, size: int, init_file: str) -> None:
+    """Join the spawned processes' gloo group (one thread each: the ranks share the machine's cores)."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size,
                             timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(1)
+
+
+def worker(rank: int, size: int, init_file: str) -> None:
+    init_gloo(rank, size, init_file)
     try:
         for i, mixer in enumerate(MIXERS):
             for seed in range(4):

@@ -11,6 +11,7 @@ from ramba.ops import hsa_aggregate, hsa_retrieve
 from ..config import HSAHybridConfig
 from ..documents import DocLayout
 from ..memory import Memory
+from ..parallel.cache import ShardedStore
 
 
 def retrieval_weights(scores: torch.Tensor, indices: torch.Tensor, kind: str) -> torch.Tensor:
@@ -33,7 +34,8 @@ class HSA(nn.Module):
     their weights [B, L, Hr, K] (0 for empty slots).
 
     positions [B, L]: absolute positions of the tokens (default: 0 .. L-1 in each document of the layout);
-    memory: the chunk memory of the whole input, or an inference cache's ChunkStore."""
+    memory: the chunk memory of the whole input, or an inference cache's ChunkStore (a ShardedStore: this rank's
+    part of a sharded cache, read collectively, ramba.parallel.cache)."""
 
     def __init__(self, config: HSAHybridConfig):
         super().__init__()
@@ -49,11 +51,17 @@ class HSA(nn.Module):
         xs = layout.unpack(x)
         N, L, _ = xs.shape
         qr = self.qr_proj(xs).view(N, L, cfg.num_retrieval_heads, cfg.retrieval_dim)
-        indices, scores = hsa_retrieve(
-            qr, memory.retrieval_landmarks(), cfg.topk, cfg.chunk_size, positions=layout.retrieval_positions(positions),
-            window=cfg.window if cfg.retrieve_beyond_window else None,
-            backend=cfg.ops_backend, gumbel=cfg.gumbel_noise if self.training else 0.0,
-        )
+        window = cfg.window if cfg.retrieve_beyond_window else None
+        gumbel = cfg.gumbel_noise if self.training else 0.0
+        sharded = isinstance(memory, ShardedStore)  # decoding with a cache sharded across ranks
+        if sharded and gumbel:
+            raise ValueError("a sharded cache selects chunks without Gumbel noise: call model.eval() to decode")
+        if sharded:
+            indices, scores = memory.retrieve(qr, cfg.topk, positions, window, cfg.ops_backend)
+        else:
+            indices, scores = hsa_retrieve(qr, memory.retrieval_landmarks(), cfg.topk, cfg.chunk_size,
+                                           positions=layout.retrieval_positions(positions), window=window,
+                                           backend=cfg.ops_backend, gumbel=gumbel)
         weights = retrieval_weights(scores, indices, cfg.retrieval_weights)
         kv_indices, kv_weights = indices, weights
         if cfg.num_retrieval_heads != cfg.num_kv_heads:  # one shared retrieval head serves every kv head
@@ -63,5 +71,7 @@ class HSA(nn.Module):
         k, v, kv_indices = memory.for_aggregate(kv_indices)
         o = hsa_aggregate(q, k, v, kv_indices, kv_weights, cfg.chunk_size,  # indices from hsa_retrieve: no sync
                           softmax_off_by_one=cfg.softmax_off_by_one, backend=cfg.ops_backend, check_indices=False)
+        if sharded:  # each rank read the selected chunks it holds
+            o = memory.sum_over_ranks(o)
         out = self.o_proj(o.reshape(N, L, cfg.num_heads * cfg.head_dim))
         return layout.pack(out), layout.pack(indices), layout.pack(weights)

@@ -102,17 +102,20 @@ class Mamba2(nn.Module):
                 positions: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
         """x: [B, L, d_model] -> [B, L, d_model]; docs: the documents (integer ids [B, L] or a DocIndex). With a
         state (inference), continue from it and update it; valid bool [B, L] marks real tokens (left padding
-        is allowed before a row's first token)."""
+        is allowed before a row's first token). Under context parallelism a state must be fresh (a sharded
+        prefill, ramba.parallel.cache): it takes the conv inputs and the SSM state after this rank's slice."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"Mamba2: x must be [B, L, d_model={self.d_model}], got shape {tuple(x.shape)}")
-        if state is not None:
+        cp = active()  # under context parallelism: this rank's slice of a sharded sequence, exactly
+        if state is not None and cp is None:
             return self._forward_cached(x, state, positions, valid)
         docs = as_doc_index(docs)
         if docs is not None and docs.shape != x.shape[:2]:
             raise ValueError(f"Mamba2: doc_ids must be [B, L] = {tuple(x.shape[:2])}, got shape {tuple(docs.shape)}")
         b, l, _ = x.shape
         z, xbc, dt = torch.split(self.in_proj(x), [self.d_inner, self.conv1d.in_channels, self.nheads], dim=-1)
-        cp = active()  # under context parallelism: this rank's slice of a sharded sequence, exactly
+        if state is not None:  # a sharded prefill into a fresh state: the slice's last d_conv-1 conv inputs
+            state.conv = xbc[:, l - state.conv.shape[1]:]
         if cp is None:
             xbc = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, docs, backend=self.backend)
         else:
@@ -127,8 +130,10 @@ class Mamba2(nn.Module):
                      self._restarts(docs, b, l, positions, x.device))
         if cp is None:
             y = ssd_scan(*scan_args, backend=self.backend)
-        else:
+        elif state is None:
             y = context_parallel_scan(*scan_args, cp.group, backend=self.backend)
+        else:  # and the true SSM state after the slice
+            y, state.ssm = context_parallel_scan(*scan_args, cp.group, backend=self.backend, return_final_state=True)
         return self.out_proj(self.norm(self._skip(y, xs).reshape(b, l, self.d_inner), z))
 
     def _restarts(self, docs: DocIndex | None, b: int, l: int, positions: Tensor | None,

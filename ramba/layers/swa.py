@@ -49,7 +49,9 @@ class SlidingWindowAttention(nn.Module):
         """x: [B, L, d_model], docs: the documents (integer ids [B, L] or a DocIndex) -> [B, L, d_model].
 
         With a state (inference): positions [B, L] are absolute, valid bool [B, L] marks real tokens (not
-        padding); the keys of the last W-1 positions are read from and written back to the state.
+        padding); the keys of the last W-1 positions are read from and written back to the state. Under context
+        parallelism the state must be fresh (a sharded prefill, ramba.parallel.cache): it takes the keys of the
+        slice's last W-1 positions.
         """
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
@@ -61,8 +63,11 @@ class SlidingWindowAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         backend = self.config.swa_backend
         cp = active()
-        if state is None and cp is not None:  # this rank's slice of a sharded sequence (global positions)
+        if cp is not None:  # this rank's slice of a sharded sequence (global positions)
             out = context_parallel_swa(q, k, v, self.config.window, cp.group, backend, docs)
+            if state is not None:  # a sharded prefill into a fresh state: the slice's last W-1 keys
+                start = max(0, length - (self.config.window - 1))
+                state.k, state.v = k[:, start:], v[:, start:]
         elif state is None:
             out = sliding_window_attention(q, k, v, self.config.window, docs, backend)
         else:

@@ -3,7 +3,9 @@ contiguous slice [B, L/P, ...] of every row (rank r holds positions r*Lr .. (r+1
 
 The model: `with context_parallel(group): out = model(ids_slice, labels=labels_slice)`, then
 `out.loss.backward()` and `all_reduce_gradients(model, group)`, or all three in `loss_and_gradients` (ramba.parallel.model says what is sharded and
-what moves between ranks). Building blocks (ramba.parallel.context), exact against the single-process ops and
+what moves between ranks). Inference: `with context_parallel(group): model(ids_slice, cache=cache)` prefills
+a cache sharded across the ranks, then `model(next_tokens, cache=cache)` decodes (ramba.parallel.cache).
+Building blocks (ramba.parallel.context), exact against the single-process ops and
 differentiable: `halo_exchange` (the last positions of the previous rank), `all_gather_autograd`,
 `context_parallel_swa`, `context_parallel_conv1d` and `context_parallel_scan`; `traffic()` counts the bytes
 they moved.

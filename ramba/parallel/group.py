@@ -48,6 +48,17 @@ def context_parallel(group: dist.ProcessGroup | None = None) -> Iterator[Context
         _ACTIVE.reset(token)
 
 
+@contextmanager
+def paused() -> Iterator[None]:
+    """Run the code inside as on one process (no group active): the decoding of a sharded cache, whose mixers
+    every rank runs alike (ramba.parallel.cache)."""
+    token = _ACTIVE.set(None)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
 def active() -> ContextParallel | None:
     """The context-parallel group the current forward runs under, or None (one process holds the sequence)."""
     return _ACTIVE.get()

@@ -8,6 +8,8 @@ rank and Lr a multiple of chunk_size (no chunk spans two ranks). Then:
   all-gathered, so every query scores every earlier chunk and reads the selected ones wherever they were
   encoded. Packed documents (doc_ids) may continue across ranks: ramba.parallel.documents. Per layer that moves (P-1)/P of the memory K/V of the sequence to each rank: 2 * num_kv_heads *
   head_dim values per token, plus one landmark per chunk; the backward all-reduces their gradients;
+- with a cache (ramba.parallel.cache), the prompt's slices fill a cache sharded across the ranks, and decoding
+  reads each rank's part of the chunk memory;
 - the next-token loss crosses slices too: a rank's last position predicts the next rank's first label, and
   `out.loss` is the mean over all ranks' targets (its gradient is this rank's share of it).
 After backward, sum the parameters' gradients over the group (`all_reduce_gradients`), as each rank's
@@ -29,11 +31,9 @@ IGNORE_INDEX = -100
 
 
 def check_inputs(cp: ContextParallel, chunk_size: int, input_ids: torch.Tensor, cu_seqlens: bool,
-                 cached: bool, logits_to_keep: int | None, checkpointing: bool) -> None:
-    """Raise ValueError, on every rank, for what the context-parallel forward does not take."""
-    if cached:
-        raise ValueError("context parallelism runs the full forward only (training, scoring): prefill and "
-                         "decoding with a cache are not sharded yet; run the cached path on one process")
+                 logits_to_keep: int | None, checkpointing: bool) -> None:
+    """Raise ValueError, on every rank, for what the context-parallel forward does not take (the checks of a
+    call with a cache follow in ramba.parallel.cache.check_cache_inputs)."""
     if cu_seqlens:
         raise ValueError("context parallelism takes packed documents as doc_ids (this rank's slice of them), not "
                          "cu_seqlens (offsets into the whole flattened batch)")
@@ -43,6 +43,10 @@ def check_inputs(cp: ContextParallel, chunk_size: int, input_ids: torch.Tensor, 
     if checkpointing:
         raise ValueError("activation checkpointing recomputes blocks outside the context-parallel forward: turn "
                          "gradient_checkpointing off under context parallelism (its slices already cut memory)")
+
+
+def check_lengths(cp: ContextParallel, chunk_size: int, input_ids: torch.Tensor) -> None:
+    """Raise ValueError, on every rank, unless every rank's slice has the same length, a multiple of chunk_size."""
     length = input_ids.shape[1]
     lengths = torch.tensor([length], device=input_ids.device)
     everyone = [torch.empty_like(lengths) for _ in range(cp.size)]
