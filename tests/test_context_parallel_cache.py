@@ -1,7 +1,7 @@
 """A cache sharded across 2 and 4 gloo processes (ramba.parallel.cache): the sharded prefill of a prompt and
 greedy decoding past it give the one-process cache's logits, selected chunks and weights at every step
 (float64, segment-wise prefill on one process), for both mixers and a mix; each rank holds only its own chunks; the
-decoding traffic is what the module says; bad input fails with a clear error on every rank."""
+decoding traffic is what the module says; ties between ranks' proposals go as on one process; bad input fails with a clear error on every rank."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ramba import HSAHybrid
+from ramba.memory import ChunkMemory, ChunkStore
+from ramba.ops import hsa_retrieve
 from ramba.parallel import context_parallel, reset_traffic, traffic
+from ramba.parallel.cache import ShardedStore
+from ramba.parallel.group import ContextParallel
 from test_context_parallel_model import config_for, init_gloo
 
 DECODE = 20  # more than a chunk: the last rank stores a chunk completed while decoding, and later tokens read it
@@ -83,6 +87,26 @@ def check_decoding(rank: int, size: int, mixer: str | list[str], seed: int) -> N
         (what, moved[0])
 
 
+def check_ties(rank: int, size: int) -> None:
+    """The global top-k of the ranks' proposals is one process's, also with many equal scores (landmarks and
+    queries of zeros and ones): the more recent chunk wins a tie."""
+    config = config_for("swa", 16, 3, 8, "standard")
+    gen = torch.Generator().manual_seed(11)
+    per_rank, hr, dr = 3, config.num_retrieval_heads, config.retrieval_dim
+    landmarks = torch.randint(0, 2, (2, per_rank * size, hr, dr), generator=gen).double()
+    qr = torch.randint(0, 2, (2, 9, hr, dr), generator=gen).double()
+    positions = torch.randint(0, 16 * (per_rank * size + 1), (2, 9), generator=gen)
+    store = ShardedStore(config, 2, torch.device("cpu"), torch.float64, False, ContextParallel(), rank * per_rank)
+    mine = landmarks[:, rank * per_rank:(rank + 1) * per_rank]
+    ChunkStore.append(store, ChunkMemory(mine, torch.zeros(2, per_rank * 16, 1, 16, dtype=torch.float64),
+                                         torch.zeros(2, per_rank * 16, 1, 16, dtype=torch.float64)),
+                      torch.full((2,), per_rank))
+    for window in (None, 24):
+        want = hsa_retrieve(qr, landmarks, config.topk, 16, positions, window)
+        got = store.retrieve(qr, config.topk, positions, window, "torch")
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (window, got, want)
+
+
 def check_bad_input(rank: int, size: int) -> None:
     model = HSAHybrid(config_for("swa", 16, 2, 8, "standard")).double().eval()
     ids = torch.randint(0, 40, (1, 32), generator=torch.Generator().manual_seed(7))
@@ -113,6 +137,7 @@ def worker(rank: int, size: int, init_file: str, cases: list[tuple[str | list[st
     try:
         for mixer, seed in cases:
             check_decoding(rank, size, mixer, seed)
+        check_ties(rank, size)
         check_bad_input(rank, size)
         dist.barrier()
     finally:
