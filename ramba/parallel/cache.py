@@ -71,8 +71,9 @@ class ShardedStore(ChunkStore):
         parts = parts.movedim(0, -2).flatten(-3, -2)                        # [B, L, Hr, P*K, 2]
         indices, candidates = parts[..., 1].long(), parts[..., 0]
         by_recency = torch.sort(indices, dim=-1, descending=True, stable=True).indices
-        ranked = torch.gather(candidates, -1, by_recency)
-        best = torch.gather(by_recency, -1, torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :topk])
+        ranked = torch.gather(candidates, -1, by_recency)                  # equal scores: the more recent first
+        order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :topk]
+        best = torch.gather(by_recency, -1, order)                          # places in the candidates
         picked = torch.sort(torch.gather(indices, -1, best), dim=-1, descending=True)  # most recent first, -1 last
         picked_scores = torch.gather(torch.gather(candidates, -1, best), -1, picked.indices)
         return picked.values, picked_scores.masked_fill(picked.values < 0, float("-inf")).to(scores.dtype)
