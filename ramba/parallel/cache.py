@@ -9,6 +9,8 @@ sharded full forward (ramba.parallel.model) and fills the caches. Afterwards:
 - every rank holds the mixer states (SWA keys of the last W-1 positions, Mamba2 conv inputs and SSM state) a
   one-process cache holds after the whole prompt: the last rank computes them, then broadcasts them once;
 - there is no pending partial chunk (the prompt is whole chunks).
+Leave new_cache's max_tokens unset here: it would reserve the whole memory on every rank before the prefill
+replaces that store with the rank's own, which grows as needed.
 
 Later calls under the same group give every rank the same tokens [B, L] (one when decoding). Every rank runs
 the mixers alike (mirrored, no traffic); at each HSA layer each rank scores the query against its own
