@@ -4,7 +4,7 @@ on the saved model at long lengths.
 
 python -m benchmarks.ablations [--variants base,mean,...] [--steps 600] [--length 768] [--min-length 160] \
     [--batch-size 32] [--lr 1e-3] [--min-lr-ratio 1] [--lengths 4k,64k,1m] [--depths 0,0.25,0.5,0.75,1] \
-    [--samples 2] [--segment 4096] [--init DIR] [--out DIR] [--device cuda]
+    [--samples 2] [--segment 4096] [--init DIR] [--retrieval-loss 0] [--out DIR] [--device cuda]
 
 OUT/VARIANT/ holds the saved model and training.md (the learning curve); OUT/passkey/ the benchmark's
 results.jsonl, summary.md and plots, one line per variant. A variant is never evaluated at lengths beyond
@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--segment", type=int, default=4096, help="prefill segment of the benchmark in tokens")
     p.add_argument("--init", metavar="DIR", help="start every variant from this saved model, its config changed by "
                    "the variant's fields (a curriculum: e.g. a model trained with a shortcut, retrained without)")
+    p.add_argument("--retrieval-loss", type=float, default=0.0, metavar="W",
+                   help="benchmarks.learnability's auxiliary retrieval loss weight (0: off)")
     p.add_argument("--out", default="runs/ablations")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     args = p.parse_args(argv)
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
         train_args += [f"--set={k}={v}" for k, v in overrides.items()]
         if args.init:
             train_args += ["--init", args.init]
+        if args.retrieval_loss:
+            train_args += ["--retrieval-loss", str(args.retrieval_loss)]
         if args.device:
             train_args += ["--device", args.device]
         print(f"## {name}: {overrides}", flush=True)

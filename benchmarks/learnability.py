@@ -2,15 +2,19 @@
 
 python -m benchmarks.learnability [--preset tiny] [--set hsa_residual=standard ...] [--task passkey]
     [--length 1024] [--min-length 256] [--max-depth 1.0] [--steps 700] [--batch-size 32] [--lr 1e-3]
-    [--min-lr-ratio 1] [--eval-every 100] [--init DIR] [--device cuda] [--out FILE] [--save DIR]
+    [--min-lr-ratio 1] [--retrieval-loss 0] [--eval-every 100] [--init DIR] [--device cuda] [--out FILE]
+    [--save DIR]
 
 Trains a fresh model (or, with `--init DIR`, the saved model in DIR, its config changed by --set) on the
 prompts of one task, pass keys by default, or another with number answers such as niah_multikey_1 (loss
 on the answer tokens: a space, the key and the end-of-sequence token, so that a saved model stops after the
-key as the benchmarks expect), prompt lengths drawn from [min-length, length], the needle at a depth drawn from [0, max-depth]. Every eval-every
-steps it prints the held-out answer loss, the fraction of answer tokens predicted right (teacher forcing)
-and the fraction of keys entirely right. Meant for comparing configurations (residual rule, landmarks,
-top-k, window) in minutes; `--save DIR` keeps the model for benchmarks.passkey and the others.
+key as the benchmarks expect), prompt lengths drawn from [min-length, length], the needle at a depth drawn
+from [0, max-depth]. Every eval-every steps it prints the held-out answer loss, the fraction of answer tokens
+predicted right (teacher forcing), the fraction of keys entirely right and the retrieval weight on the
+needle's chunks at the positions that predict the answer (averaged over HSA blocks and retrieval heads;
+ramba.training.retrieval). With `--retrieval-loss W` the training loss adds W times the auxiliary retrieval
+loss on those positions. Meant for comparing configurations (residual rule, landmarks, top-k, window) in
+minutes; `--save DIR` keeps the model for benchmarks.passkey and the others.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import random
 import time
 from dataclasses import dataclass
+from statistics import fmean
 
 import torch
 import yaml
@@ -28,6 +33,7 @@ from ramba import HSAHybrid, HSAHybridConfig
 from ramba.data.tasks import TASKS, TaskError
 from ramba.tokenizer import ByteTokenizer, Tokenizer
 from ramba.training.optim import build_optimizer, build_scheduler, train_step
+from ramba.training.retrieval import asked_chunks, retrieval_target_loss
 
 ANSWER_ROOM = 9  # a space, at most 7 digits and the end-of-sequence token
 
@@ -37,14 +43,18 @@ class Scores:
     loss: float
     token_accuracy: float
     key_accuracy: float
+    needle_weight: float | None  # None: the model has no HSA block
 
 
 def task_batch(rng: random.Random, tokenizer: Tokenizer, size: int, min_length: int, length: int,
-               max_depth: float, task: str = "passkey") -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids, labels [size, length + ANSWER_ROOM]: prompt of `task`, answer, right padding; labels -100 off
-    the answer."""
+               max_depth: float, task: str = "passkey",
+               chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, labels [size, T = length + ANSWER_ROOM]: prompt of `task`, answer, right padding; labels -100
+    off the answer; targets bool [size, T, ceil(T / chunk_size)]: at the positions that predict the answer, the
+    chunks holding the asked fact (ramba.training.retrieval.asked_chunks)."""
     ids = torch.full((size, length + ANSWER_ROOM), tokenizer.pad_id, dtype=torch.long)
     labels = torch.full_like(ids, -100)
+    targets = torch.zeros(size, ids.shape[1], -(-ids.shape[1] // chunk_size), dtype=torch.bool)
     for row in range(size):
         n = rng.randint(min_length, length)
         sample = TASKS[task](rng, tokenizer, n, depth=rng.uniform(0.0, max_depth))
@@ -56,7 +66,8 @@ def task_batch(rng: random.Random, tokenizer: Tokenizer, size: int, min_length: 
         ids[row, :n] = sample.prompt_ids
         ids[row, n:n + len(answer)] = answer
         labels[row, n:n + len(answer)] = answer
-    return ids, labels
+        targets[row, n - 1:n - 1 + len(answer), asked_chunks(sample, tokenizer, chunk_size)] = True
+    return ids, labels, targets
 
 
 def answer_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -69,21 +80,36 @@ def answer_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, fl
     return (right.sum() / labelled.sum()).item(), (right | ~labelled).all(1).float().mean().item()
 
 
+def has_memory(model: HSAHybrid) -> bool:
+    """Whether the model has HSA blocks (a chunk memory to retrieve from)."""
+    return model.encoder is not None
+
+
+def answer_and_retrieval_loss(model: HSAHybrid, batch: dict[str, torch.Tensor], targets: torch.Tensor,
+                              retrieval_weight: float) -> torch.Tensor:
+    """The answer's loss on batch's input_ids and labels plus retrieval_weight times the auxiliary retrieval
+    loss on `targets` (task_batch's)."""
+    out = model(batch["input_ids"], labels=batch["labels"], return_retrieval=True)
+    return out.loss + retrieval_weight * retrieval_target_loss(out.retrieval, out.retrieval_weights, targets)[0]
+
+
 @torch.no_grad()
-def evaluate(model: HSAHybrid, held_out: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-             autocast: bool) -> Scores:
+def evaluate(model: HSAHybrid, held_out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+             device: torch.device, autocast: bool) -> Scores:
     model.eval()
-    losses, tokens, keys = [], [], []
-    for ids, labels in held_out:
+    losses, tokens, keys, weights = [], [], [], []
+    for ids, labels, targets in held_out:
         ids, labels = ids.to(device), labels.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = model(ids, labels=labels)
+            out = model(ids, labels=labels, return_retrieval=has_memory(model))
         token_accuracy, key_accuracy = answer_scores(out.logits.float(), labels)
         losses.append(out.loss.item())
         tokens.append(token_accuracy)
         keys.append(key_accuracy)
+        if out.retrieval:
+            weights.append(retrieval_target_loss(out.retrieval, out.retrieval_weights, targets.to(device))[1].item())
     model.train()
-    return Scores(sum(losses) / len(losses), sum(tokens) / len(tokens), sum(keys) / len(keys))
+    return Scores(fmean(losses), fmean(tokens), fmean(keys), fmean(weights) if weights else None)
 
 
 def parse_sets(items: list[str]) -> dict[str, object]:
@@ -128,26 +154,37 @@ def run(args: argparse.Namespace) -> list[str]:
     if not 0.0 <= args.min_lr_ratio <= 1.0:
         raise BenchmarkError(f"--min-lr-ratio must lie in [0, 1], got {args.min_lr_ratio}")
     schedule = build_scheduler(optimizer, args.warmup, args.steps, min_ratio=args.min_lr_ratio)
+    if args.retrieval_loss < 0 or (args.retrieval_loss and not has_memory(model)):
+        raise BenchmarkError(f"--retrieval-loss must be >= 0, and needs a model with HSA blocks, got "
+                             f"{args.retrieval_loss} for use_hsa={model.config.use_hsa}")
     batch = dict(tokenizer=tokenizer, size=args.batch_size, min_length=args.min_length, length=args.length,
-                 max_depth=args.max_depth, task=args.task)
+                 max_depth=args.max_depth, task=args.task, chunk_size=model.config.chunk_size)
+    loss_fn = None  # the answer's loss alone (model(...).loss), unless --retrieval-loss
+    if args.retrieval_loss:
+        def loss_fn(m: HSAHybrid, b: dict[str, torch.Tensor]) -> torch.Tensor:
+            return answer_and_retrieval_loss(m, b, b["targets"], args.retrieval_loss)
     try:
         task_batch(random.Random(args.seed), **{**batch, "size": 1, "length": args.min_length})
     except TaskError as err:
         raise BenchmarkError(f"{err}: raise --min-length") from None
     held_out = [task_batch(random.Random(args.seed + 1000 + i), **batch) for i in range(args.eval_batches)]
     rng = random.Random(args.seed)
-    rows = ["| step | train loss | held-out loss | answer tokens right | keys right | seconds |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| step | train loss | held-out loss | answer tokens right | keys right | weight on the needle | seconds |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     print("\n".join(rows), flush=True)
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        ids, labels = task_batch(rng, **batch)
-        loss = train_step(model, optimizer, {"input_ids": ids.to(device), "labels": labels.to(device)}, schedule,
-                          clip=1.0, autocast=torch.bfloat16 if autocast else None)
+        ids, labels, targets = task_batch(rng, **batch)
+        step_batch = {"input_ids": ids.to(device), "labels": labels.to(device)}
+        if loss_fn is not None:
+            step_batch["targets"] = targets.to(device)
+        loss = train_step(model, optimizer, step_batch, schedule, clip=1.0,
+                          autocast=torch.bfloat16 if autocast else None, loss_fn=loss_fn)
         if step % args.eval_every == 0 or step == args.steps:
             s = evaluate(model, held_out, device, autocast)
+            weight = "-" if s.needle_weight is None else f"{s.needle_weight:.3f}"
             rows.append(f"| {step} | {loss.item():.3f} | {s.loss:.3f} | {s.token_accuracy:.3f} | "
-                        f"{s.key_accuracy:.3f} | {time.perf_counter() - start:.0f} |")
+                        f"{s.key_accuracy:.3f} | {weight} | {time.perf_counter() - start:.0f} |")
             print(rows[-1], flush=True)
     if args.save:
         model.save_pretrained(args.save)
@@ -169,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--min-lr-ratio", type=float, default=1.0,
                    help="cosine decay after the warmup to this fraction of --lr at the last step (1: constant)")
+    p.add_argument("--retrieval-loss", type=float, default=0.0, metavar="W",
+                   help="add W times the auxiliary retrieval loss (minus the log of the weight on the needle's "
+                   "chunks at the answer's positions; ramba.training.retrieval) to the training loss (0: off)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)

@@ -15,7 +15,7 @@ from ramba.tokenizer import ByteTokenizer
 @pytest.mark.parametrize("max_depth", [0.0, 0.3, 1.0])
 def test_batches_label_only_the_key_and_keep_the_needle_shallow(max_depth):
     tok = ByteTokenizer()
-    ids, labels = task_batch(random.Random(3), tok, 6, 200, 300, max_depth)
+    ids, labels, _ = task_batch(random.Random(3), tok, 6, 200, 300, max_depth)
     assert ids.shape == labels.shape == (6, 300 + ANSWER_ROOM)
     for row_ids, row_labels in zip(ids, labels):
         answer = row_labels[row_labels != -100].tolist()
@@ -71,7 +71,7 @@ def test_bad_arguments_are_named():
 
 def test_multikey_batches_ask_one_of_several_keys():
     tok = ByteTokenizer()
-    ids, labels = task_batch(random.Random(5), tok, 4, 500, 600, 1.0, task="niah_multikey_1")
+    ids, labels, _ = task_batch(random.Random(5), tok, 4, 500, 600, 1.0, task="niah_multikey_1")
     for row_ids, row_labels in zip(ids, labels):
         answer = tok.decode(row_labels[row_labels != -100].tolist()[:-1]).strip()
         start = int((row_labels != -100).nonzero()[0])

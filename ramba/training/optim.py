@@ -42,14 +42,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int,
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, clip: float | None = None,
-               autocast: torch.dtype | None = None) -> torch.Tensor:
-    """One optimizer step on one batch: `model(**batch).loss` (under autocast to that dtype on the batch's device
-    when given), backward, gradient norm clipped to `clip` when given, optimizer and scheduler steps, gradients
-    zeroed. Returns the loss, detached."""
+               autocast: torch.dtype | None = None,
+               loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+               ) -> torch.Tensor:
+    """One optimizer step on one batch: `model(**batch).loss`, or `loss_fn(model, batch)` when given (under
+    autocast to that dtype on the batch's device when given), backward, gradient norm clipped to `clip` when
+    given, optimizer and scheduler steps, gradients zeroed. Returns the loss, detached."""
     device = next(iter(batch.values())).device
     context = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     with context:
-        loss = model(**batch).loss
+        loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
     loss.backward()
     if clip is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)

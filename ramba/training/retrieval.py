@@ -1,0 +1,57 @@
+"""An auxiliary retrieval loss: teach the HSA blocks which chunks to read where the answer's chunk is known.
+
+On synthetic tasks (pass keys, keyed needles) the chunks that hold the asked fact are known, so the positions
+that predict the answer can be told to put their retrieval weight there: the loss is minus the log of the
+weight that the selected chunks holding the fact get, averaged over HSA blocks, retrieval heads and those
+positions. It trains the retrieval queries and landmarks directly, instead of leaving the model to find the
+memory through the answer's loss alone (a recurrent mixer can answer short prompts from its state instead).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.tasks.prompt import Sample
+from ..tokenizer import Tokenizer
+
+FLOOR = 1e-6  # the weight at which a position's loss stops growing (the fact's chunk not selected at all)
+
+
+def asked_chunks(sample: Sample, tokenizer: Tokenizer, chunk_size: int) -> list[int]:
+    """The chunks (of chunk_size tokens, from the prompt's start) that hold part of an inserted fact whose text
+    holds one of the sample's references: the needle that answers, not the distractors."""
+    ids = sample.prompt_ids.tolist()
+    chunks: set[int] = set()
+    for start, end in zip(sample.insert_offsets, sample.insert_ends):
+        text = tokenizer.decode(ids[start:end])
+        if end > start and any(ref in text for ref in sample.references):
+            chunks.update(range(start // chunk_size, (end - 1) // chunk_size + 1))
+    return sorted(chunks)
+
+
+def retrieval_target_loss(indices: list[torch.Tensor], weights: list[torch.Tensor],
+                          targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, mean weight on the targets) over the positions that have targets.
+
+    indices, weights: one [B, L, Hr, K] each per HSA block (HSAOutput.retrieval, .retrieval_weights: the
+    selected chunks, -1 for empty slots, and their weights); targets: bool [B, L, C], the chunks position t
+    should read. Positions without any target are left out; the loss is 0 (attached) when none has one.
+    """
+    if not indices or len(indices) != len(weights):
+        raise ValueError(f"retrieval_target_loss needs the selections of at least one HSA block (model(..., "
+                         f"return_retrieval=True)), got {len(indices)} index and {len(weights)} weight tensors")
+    B, L, C = targets.shape
+    if targets.dtype != torch.bool or any(i.shape[:2] != (B, L) for i in indices):
+        raise ValueError(f"targets must be bool [B, L, C] with the selections' B, L = {tuple(indices[0].shape[:2])}, "
+                         f"got {targets.dtype} {tuple(targets.shape)}")
+    asked = targets.any(-1)  # [B, L]
+    on_target = []
+    for chunk, weight in zip(indices, weights):
+        N, K = chunk.shape[2], chunk.shape[3]
+        flat = targets.unsqueeze(2).expand(B, L, N, C)
+        hit = torch.gather(flat, 3, chunk.clamp(0, C - 1)) & (chunk >= 0) & (chunk < C)
+        on_target.append((weight.float() * hit).sum(-1)[asked])  # [P, Hr]
+    if not bool(asked.any()):
+        return weights[0].sum() * 0.0, weights[0].new_zeros(())
+    w = torch.cat(on_target, dim=-1)
+    return -torch.log(w.clamp_min(FLOOR)).mean(), w.mean().detach()
