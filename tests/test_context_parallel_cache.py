@@ -18,7 +18,9 @@ from ramba.memory import ChunkMemory, ChunkStore
 from ramba.ops import hsa_retrieve
 from ramba.parallel import context_parallel, reset_traffic, traffic
 from ramba.parallel.cache import ShardedStore
+from ramba.generation import generate
 from ramba.parallel.group import ContextParallel
+from ramba.parallel.generation import generate_sharded
 from test_context_parallel_model import config_for, init_gloo
 
 DECODE = 20  # more than a chunk: the last rank stores a chunk completed while decoding, and later tokens read it
@@ -133,6 +135,22 @@ def check_bad_input(rank: int, size: int) -> None:
             model(ids[:, :1], cache=cache)
 
 
+def check_generate(rank: int, size: int, mixer: str) -> None:
+    """generate_sharded gives one process's greedy continuation, also with a stop token and its padding."""
+    config = config_for(mixer, 16, 3, 8, "standard")
+    torch.manual_seed(21)
+    model = HSAHybrid(config).double().eval()
+    prompt = torch.randint(0, config.vocab_size, (2, 32 * size), generator=torch.Generator().manual_seed(22))
+    mine = prompt[:, rank * 32:(rank + 1) * 32]
+    want = generate(model, prompt, 12)[:, prompt.shape[1]:]
+    assert torch.equal(generate_sharded(model, mine, 12), want), (mixer, size)
+    stop = int(want[0, 3])  # row 0 stops at its 4th token (or earlier, where it came before)
+    want = generate(model, prompt, 12, stop_tokens=[stop], pad_token_id=39)[:, prompt.shape[1]:]
+    got = generate_sharded(model, mine, 12, stop_tokens=[stop], pad_token_id=39)
+    assert torch.equal(got, want) and bool((want == 39).any()), (mixer, size, got, want)
+    assert generate_sharded(model, mine, 0).shape == (2, 0)
+
+
 def worker(rank: int, size: int, init_file: str, cases: list[tuple[str | list[str], int]]) -> None:
     init_gloo(rank, size, init_file)
     try:
@@ -140,6 +158,8 @@ def worker(rank: int, size: int, init_file: str, cases: list[tuple[str | list[st
             check_decoding(rank, size, mixer, seed)
         check_ties(rank, size)
         check_bad_input(rank, size)
+        for mixer in ("swa", "mamba2"):
+            check_generate(rank, size, mixer)
         dist.barrier()
     finally:
         dist.destroy_process_group()
