@@ -38,7 +38,7 @@ from ..documents import DocLayout
 from ..memory import ChunkMemory, ChunkStore
 from .context import TRAFFIC, _bytes, _peer, all_gather_autograd
 from .group import ContextParallel, paused
-from .model import gather_memory, global_positions
+from .model import gather_memory, global_positions, require_chunk_slices
 
 if TYPE_CHECKING:
     from ..cache import HSACache
@@ -143,10 +143,7 @@ def check_cache_inputs(cp: ContextParallel, cache: HSACache, chunk_size: int, in
         raise ValueError("the ranks' caches disagree (some empty, some prefilled): give every rank a fresh cache for "
                          "the prompt and continue all of them together")
     if not started:
-        if len(set(lengths)) != 1 or lengths[0] % chunk_size:
-            raise ValueError(f"a sharded prefill needs prompt slices of equal length, each a multiple of chunk_size "
-                             f"({chunk_size}), got slice lengths {lengths}: pad or cut the prompt to a multiple of "
-                             f"{chunk_size * cp.size} tokens (chunk_size x ranks) and give rank r its r-th slice")
+        require_chunk_slices(lengths, chunk_size, "a sharded prefill needs prompt", "prompt")
         return
     if cache.context_parallel.group is not cp.group:
         raise ValueError("this cache is sharded over another process group: continue it under the group that "

@@ -47,15 +47,19 @@ def check_inputs(cp: ContextParallel, chunk_size: int, input_ids: torch.Tensor, 
 
 def check_lengths(cp: ContextParallel, chunk_size: int, input_ids: torch.Tensor) -> None:
     """Raise ValueError, on every rank, unless every rank's slice has the same length, a multiple of chunk_size."""
-    length = input_ids.shape[1]
-    lengths = torch.tensor([length], device=input_ids.device)
+    lengths = torch.tensor([input_ids.shape[1]], device=input_ids.device)
     everyone = [torch.empty_like(lengths) for _ in range(cp.size)]
     dist.all_gather(everyone, lengths, group=cp.group)
-    others = [int(n) for n in everyone]
-    if len(set(others)) != 1 or length % chunk_size:
-        raise ValueError(f"context parallelism needs slices of equal length, each a multiple of chunk_size "
-                         f"({chunk_size}), got slice lengths {others}: pad or cut the sequence to a multiple of "
-                         f"{chunk_size * cp.size} tokens (chunk_size x ranks) and give rank r its r-th slice")
+    require_chunk_slices([int(n) for n in everyone], chunk_size, "context parallelism needs", "sequence")
+
+
+def require_chunk_slices(lengths: list[int], chunk_size: int, needs: str, whole: str) -> None:
+    """Raise ValueError unless the ranks' slice lengths (all of them, in rank order) are equal and a multiple of
+    chunk_size; `needs` begins the message ("context parallelism needs"), `whole` names what was sliced."""
+    if len(set(lengths)) != 1 or lengths[0] % chunk_size:
+        raise ValueError(f"{needs} slices of equal length, each a multiple of chunk_size ({chunk_size}), got slice "
+                         f"lengths {lengths}: pad or cut the {whole} to a multiple of {chunk_size * len(lengths)} "
+                         f"tokens (chunk_size x ranks) and give rank r its r-th slice")
 
 
 def global_positions(cp: ContextParallel, length: int, device: torch.device) -> torch.Tensor:
