@@ -2,7 +2,8 @@
 
 `ChunkMemory` is what the chunk encoder returns for a whole input (full forward pass); `ChunkStore` is an
 inference cache's growing memory of every chunk completed so far, optionally offloaded to CPU memory. HSA
-only calls the two methods of `Memory` on either.
+only calls the methods of `Memory` on either (or on ramba.parallel.cache's ShardedStore, one rank's part of a
+memory sharded across ranks, which retrieves and combines collectively).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from ramba.ops import hsa_retrieve
 
 from .config import HSAHybridConfig
 
@@ -21,12 +24,31 @@ class Memory(Protocol):
     def retrieval_landmarks(self) -> torch.Tensor:
         """Landmarks [N, C, Hr, dr] of every chunk retrieval may score."""
 
+    def retrieve(self, qr: torch.Tensor, topk: int, chunk_size: int, positions: torch.Tensor | None,
+                 window: int | None, backend: str, gumbel: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """hsa_retrieve of queries qr [N, L, Hr, dr] over this memory: indices, scores [N, L, Hr, K]."""
+
     def for_aggregate(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Memory k, v [N, C'*S, H, D] and the selected chunks indices [N, L, H, K] renumbered into them."""
 
+    def combine(self, partial: torch.Tensor) -> torch.Tensor:
+        """HSA's attention output [N, L, H, D] from what hsa_aggregate read in this memory."""
+
+
+class LocalMemory:
+    """retrieve and combine of a memory held whole by this process (ChunkMemory, ChunkStore)."""
+
+    def retrieve(self, qr: torch.Tensor, topk: int, chunk_size: int, positions: torch.Tensor | None,
+                 window: int | None, backend: str, gumbel: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return hsa_retrieve(qr, self.retrieval_landmarks(), topk, chunk_size, positions=positions, window=window,
+                            backend=backend, gumbel=gumbel)
+
+    def combine(self, partial: torch.Tensor) -> torch.Tensor:
+        return partial
+
 
 @dataclass
-class ChunkMemory:
+class ChunkMemory(LocalMemory):
     """landmarks [N, C, Hr, dr]; k, v [N, C*S, H, D] (one row per document of the DocLayout)."""
 
     landmarks: torch.Tensor
@@ -55,7 +77,7 @@ def _available_bytes(device: torch.device) -> int | None:
     return None
 
 
-class ChunkStore:
+class ChunkStore(LocalMemory):
     """Landmarks [B, cap, Hr, dr] and memory keys/values [B, cap*S, H, D] of every complete chunk, per row.
 
     Buffers grow by doubling. With offload=True the keys/values live in pinned CPU memory and only the chunks

@@ -106,7 +106,7 @@ def check_ties(rank: int, size: int) -> None:
                       torch.full((2,), per_rank))
     for window in (None, 24):
         want = hsa_retrieve(qr, landmarks, config.topk, 16, positions, window)
-        got = store.retrieve(qr, config.topk, positions, window, "torch")
+        got = store.retrieve(qr, config.topk, 16, positions, window, "torch", 0.0)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (window, got, want)
 
 

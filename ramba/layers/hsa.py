@@ -6,12 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ramba.ops import hsa_aggregate, hsa_retrieve
+from ramba.ops import hsa_aggregate
 
 from ..config import HSAHybridConfig
 from ..documents import DocLayout
 from ..memory import Memory
-from ..parallel.cache import ShardedStore
 
 
 def retrieval_weights(scores: torch.Tensor, indices: torch.Tensor, kind: str) -> torch.Tensor:
@@ -34,8 +33,8 @@ class HSA(nn.Module):
     their weights [B, L, Hr, K] (0 for empty slots).
 
     positions [B, L]: absolute positions of the tokens (default: 0 .. L-1 in each document of the layout);
-    memory: the chunk memory of the whole input, or an inference cache's ChunkStore (a ShardedStore: this rank's
-    part of a sharded cache, read collectively, ramba.parallel.cache)."""
+    memory: the chunk memory of the whole input, or an inference cache's ChunkStore (ramba.memory; a sharded
+    cache's ShardedStore retrieves and combines collectively, ramba.parallel.cache)."""
 
     def __init__(self, config: HSAHybridConfig):
         super().__init__()
@@ -51,17 +50,9 @@ class HSA(nn.Module):
         xs = layout.unpack(x)
         N, L, _ = xs.shape
         qr = self.qr_proj(xs).view(N, L, cfg.num_retrieval_heads, cfg.retrieval_dim)
-        window = cfg.window if cfg.retrieve_beyond_window else None
-        gumbel = cfg.gumbel_noise if self.training else 0.0
-        sharded = isinstance(memory, ShardedStore)  # decoding with a cache sharded across ranks
-        if sharded and gumbel:
-            raise ValueError("a sharded cache selects chunks without Gumbel noise: call model.eval() to decode")
-        if sharded:
-            indices, scores = memory.retrieve(qr, cfg.topk, positions, window, cfg.ops_backend)
-        else:
-            indices, scores = hsa_retrieve(qr, memory.retrieval_landmarks(), cfg.topk, cfg.chunk_size,
-                                           positions=layout.retrieval_positions(positions), window=window,
-                                           backend=cfg.ops_backend, gumbel=gumbel)
+        indices, scores = memory.retrieve(qr, cfg.topk, cfg.chunk_size, layout.retrieval_positions(positions),
+                                          cfg.window if cfg.retrieve_beyond_window else None, cfg.ops_backend,
+                                          cfg.gumbel_noise if self.training else 0.0)
         weights = retrieval_weights(scores, indices, cfg.retrieval_weights)
         kv_indices, kv_weights = indices, weights
         if cfg.num_retrieval_heads != cfg.num_kv_heads:  # one shared retrieval head serves every kv head
@@ -71,7 +62,6 @@ class HSA(nn.Module):
         k, v, kv_indices = memory.for_aggregate(kv_indices)
         o = hsa_aggregate(q, k, v, kv_indices, kv_weights, cfg.chunk_size,  # indices from hsa_retrieve: no sync
                           softmax_off_by_one=cfg.softmax_off_by_one, backend=cfg.ops_backend, check_indices=False)
-        if sharded:  # each rank read the selected chunks it holds
-            o = memory.sum_over_ranks(o)
+        o = memory.combine(o)  # a sharded memory: the sum of what each rank read in the chunks it holds
         out = self.o_proj(o.reshape(N, L, cfg.num_heads * cfg.head_dim))
         return layout.pack(out), layout.pack(indices), layout.pack(weights)

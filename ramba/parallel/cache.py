@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 class ShardedStore(ChunkStore):
     """A ChunkStore holding the global chunks offset .. offset + count - 1 of each row, one rank's part of a
-    sharded cache's memory; HSA reads it through `retrieve`, `for_aggregate` and `sum_over_ranks`."""
+    sharded cache's memory; HSA reads it through `retrieve`, `for_aggregate` and `combine`."""
 
     def __init__(self, config: HSAHybridConfig, batch: int, device: torch.device, dtype: torch.dtype, offload: bool,
                  cp: ContextParallel, offset: int):
@@ -60,11 +60,13 @@ class ShardedStore(ChunkStore):
         if self.last:
             super().append(memory, new)
 
-    def retrieve(self, qr: torch.Tensor, topk: int, positions: torch.Tensor, window: int | None,
-                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def retrieve(self, qr: torch.Tensor, topk: int, chunk_size: int, positions: torch.Tensor | None,
+                 window: int | None, backend: str, gumbel: float) -> tuple[torch.Tensor, torch.Tensor]:
         """hsa_retrieve over every rank's chunks (collective): qr [B, L, Hr, dr], positions [B, L] global ->
         indices [B, L, Hr, K] (global, most recent first, -1 last), scores [B, L, Hr, K] (-inf when empty)."""
-        S = self.config.chunk_size
+        if gumbel:
+            raise ValueError("a sharded cache selects chunks without Gumbel noise: call model.eval() to decode")
+        S = chunk_size
         local, scores = hsa_retrieve(qr, self.retrieval_landmarks(), topk, S, positions - self.offset * S,
                                      window, backend)
         mine = torch.where(local >= 0, local + self.offset, -1)
@@ -87,7 +89,7 @@ class ShardedStore(ChunkStore):
         held = (indices >= 0) & (local < self.count.view(-1, *[1] * (indices.dim() - 1)))
         return super().for_aggregate(torch.where(held, local, -1))
 
-    def sum_over_ranks(self, partial: torch.Tensor) -> torch.Tensor:
+    def combine(self, partial: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of the partial outputs [B, L, ...] (one all-reduce)."""
         total = partial.contiguous().clone()
         dist.all_reduce(total, group=self.group)
