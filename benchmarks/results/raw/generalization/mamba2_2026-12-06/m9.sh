@@ -19,7 +19,7 @@ common=(--length 640 --min-length 160 --batch-size 32 --eval-every 300 --depths 
         --segment 65536 $dev)
 stage() {  # name variant steps lr min-lr-ratio W lengths [init]
     local init=(); [ -n "${8:-}" ] && init=(--init "$8")
-    python3 -m benchmarks.ablations --variants "$2" --steps "$3" --lr "$4" --min-lr-ratio "$5" --retrieval-loss "$6" \
+    timeout "${LIMIT:-86400}" python3 -m benchmarks.ablations --variants "$2" --steps "$3" --lr "$4" --min-lr-ratio "$5" --retrieval-loss "$6" \
         --lengths "$7" "${init[@]}" "${common[@]}" --out "$runs/$1" > "$runs/$1.log" 2>&1
 }
 stage reset-w0 mamba2-reset "${STEPS1:-1800}" 1e-3 1 0 4k &
@@ -32,8 +32,8 @@ best=$(for name in reset-w0 reset-w0.1 reset-w1; do
     tail -1 "$runs/$name/mamba2-reset.md" | awk -F'|' -v n="$name" '$6 + 0 >= 0.9 {print $7 + 0, n}'
 done | sort -rn | head -1 | cut -d' ' -f2)
 echo "second stage from: ${best:-none}"
-if [ -n "$best" ]; then
-    stage "$best-stagger" mamba2-reset-all-stagger "${STEPS2:-3000}" 1e-4 0.1 0 "${LENGTHS:-4k,64k,1m}" \
+if [ -n "$best" ]; then  # stopped in time to pack what it has within the call's limit (BUDGET_S from the start)
+    LIMIT=$(( ${BUDGET_S:-540} - SECONDS )) stage "$best-stagger" mamba2-reset-all-stagger "${STEPS2:-3000}" 1e-4 0.1 0 "${LENGTHS:-4k,64k,1m}" \
         "$runs/$best/mamba2-reset"
     echo "second stage: $((SECONDS - start)) s"
 fi
