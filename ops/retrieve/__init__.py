@@ -6,9 +6,10 @@ import torch
 
 from ..backends import pick
 
+from .decode import retrieve_decode
 from .naive import retrieve_reference, visible_chunks
 
-__all__ = ["hsa_retrieve", "retrieve_reference", "visible_chunks"]
+__all__ = ["hsa_retrieve", "retrieve_decode", "retrieve_reference", "visible_chunks"]
 
 
 def _check(qr: torch.Tensor, landmarks: torch.Tensor, topk: int, chunk_size: int,

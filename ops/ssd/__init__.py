@@ -19,11 +19,11 @@ from ..utils.index import DocIndex, seq_idx_from_starts
 from .compiled import causal_conv1d_compiled, gated_rms_norm_compiled, ssd_scan_compiled
 from .cuda import causal_conv1d_cuda, gated_rms_norm_cuda, ssd_scan_cuda, ssd_step_cuda
 from .fla import causal_conv1d_fla
-from .naive import (causal_conv1d_ref, check_conv_inputs, check_scan_inputs, conv_with_history, gated_rms_norm_ref,
-                    ssd_scan_ref, ssd_step)
+from .naive import (causal_conv1d_ref, causal_conv1d_step, check_conv_inputs, check_scan_inputs, conv_with_history,
+                    gated_rms_norm_ref, ssd_scan_ref, ssd_step)
 
-__all__ = ["causal_conv1d", "causal_conv1d_ref", "gated_rms_norm", "gated_rms_norm_ref", "ssd_scan", "ssd_scan_ref",
-           "ssd_step"]
+__all__ = ["causal_conv1d", "causal_conv1d_ref", "causal_conv1d_step", "gated_rms_norm", "gated_rms_norm_ref",
+           "ssd_scan", "ssd_scan_ref", "ssd_step"]
 
 
 def _starts(seq_start: Tensor | DocIndex | None) -> tuple[Tensor | None, Tensor | None]:

@@ -3,7 +3,8 @@
 One entry, `sliding_window_attention`: the full form runs on the reference (naive.py), flex attention
 (flex.py), flash-attn (flash.py) or fla-core (fla.py); the cached form (a segment against the keys kept by an
 inference cache) runs on flash-attn when no key is padding, else as one batched SDPA call (blocked.py),
-checked against the loop in naive.py.
+checked against the loop in naive.py. `swa_decode` (decode.py) is the fixed-shape form of one decoded token
+against a buffer of its window's keys, for ramba.decoding.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import torch
 from ..backends import FAST, pick, unusable
 from ..utils.index import DocIndex, as_doc_index
 from .blocked import swa_cached_blocked
+from .decode import swa_decode
 from .fla import swa_fla
 from .flash import swa_flash
 from .flex import swa_flex
 from .naive import swa_cached_reference, swa_reference
 
-__all__ = ["check_inputs", "sliding_window_attention", "swa_cached_blocked", "swa_cached_reference", "swa_fla",
-           "swa_flash", "swa_flex", "swa_reference"]
+__all__ = ["check_inputs", "sliding_window_attention", "swa_cached_blocked", "swa_cached_reference", "swa_decode",
+           "swa_fla", "swa_flash", "swa_flex", "swa_reference"]
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
