@@ -10,6 +10,9 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from .cache import HSACache
+from .decoding import StaticDecoder, unsupported
+
 if TYPE_CHECKING:
     from .model import HSAHybrid
 
@@ -82,6 +85,7 @@ def generate(
     generator: torch.Generator | None = None,
     progress: bool | None = None,
     return_retrieval: bool = False,
+    static_decode: bool | None = None,
 ) -> torch.Tensor | GenerateOutput:
     """Continue every row of input_ids [B, L] by up to max_new_tokens tokens -> [B, L + T] on input_ids' device.
 
@@ -92,6 +96,10 @@ def generate(
     HSAHybrid or any module with the same `new_cache` / `forward(..., cache=, logits_to_keep=)` interface.
     return_retrieval: return a GenerateOutput that also holds, for every generated token, the chunks each HSA
     block read to predict it and their weights (an HSAHybrid only).
+    static_decode: decode with a `ramba.decoding.StaticDecoder` (fixed-shape steps, captured in CUDA graphs on
+    a GPU) instead of one model call per token; None (default) does so on CUDA whenever the cache allows it
+    (an HSAHybrid's cache, not offloaded, not sharded, without return_retrieval). True forces it (on CPU too,
+    eagerly) and raises ValueError where it cannot run; False never uses it.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, length] with length >= 1, got {tuple(input_ids.shape)}")
@@ -107,6 +115,9 @@ def generate(
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if static_decode and (offload or return_retrieval):
+        raise ValueError("static_decode=True cannot decode with " + ("offload=True (the memory keys/values in CPU "
+                         "memory)" if offload else "return_retrieval=True") + ": leave static_decode unset or False")
     model.eval()
     B, L = input_ids.shape
     device = model_device(model)
@@ -118,6 +129,14 @@ def generate(
     stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
 
     cache = model.new_cache(B, offload=offload)
+    if static_decode and not isinstance(cache, HSACache):
+        raise ValueError(f"static_decode=True needs an HSAHybrid (its HSACache); {type(model).__name__} made a "
+                         f"{type(cache).__name__}: leave static_decode unset or False")
+    auto = static_decode is None
+    static = max_new_tokens > 1 and (static_decode or (auto and device.type == "cuda" and not offload
+                                                       and not return_retrieval and isinstance(cache, HSACache)))
+    if static:  # the decoder's memory, reserved before the prefill: it never grows (nor copies) later
+        cache.store.reserve(-(-(L + max_new_tokens) // cache.config.chunk_size))
     segments = prefill_segments(L, segment_size, attention_mask)
     bar = tqdm(total=L, desc="prefill", unit="tok", disable=not (progress if progress is not None else len(segments) > 1))
     for i, (start, end) in enumerate(segments):
@@ -127,12 +146,15 @@ def generate(
                          **padding, **extra)
         bar.update(end - start)
     bar.close()
+    decoder = None
+    if static and (not auto or unsupported(model, cache) is None):
+        decoder = StaticDecoder(model, cache, max_new_tokens - 1)
 
     out = [input_ids]
     reads: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # per token: each block's chunks, weights
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    last = step_out.logits[:, -1]
     for step in range(max_new_tokens):
-        last = step_out.logits[:, -1]
         token = sample_next(last, temperature, top_p, generator) if do_sample else last.argmax(-1)
         token = token.masked_fill(done, pad_token_id)
         out.append(token[:, None].to(input_ids.device))
@@ -141,7 +163,11 @@ def generate(
         done |= torch.isin(token, stops)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        step_out = model(token[:, None], cache=cache, **({"return_retrieval": True} if return_retrieval else {}))
+        if decoder is not None:
+            last = decoder.step(token)
+        else:
+            step_out = model(token[:, None], cache=cache, **({"return_retrieval": True} if return_retrieval else {}))
+            last = step_out.logits[:, -1]
     sequences = torch.cat(out, dim=1)
     if not return_retrieval:
         return sequences
