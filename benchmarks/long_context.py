@@ -2,12 +2,15 @@
 
 python -m benchmarks.long_context --presets tiny,small --mixers swa,mamba2 --lengths 64k,1m,16m,64m \
     [--mamba-backends auto] [--segment 4096] [--decode-steps 16] [--out benchmarks/results/long_context.md] [--profile]
+    [--static-decode]
 
 Random weights in bf16 on one CUDA GPU; the memory K/V are offloaded to pinned CPU memory when they would
 take more than --offload-above GiB of GPU memory. The cache reserves the whole memory up front
 (`new_cache(..., max_tokens=)`), so the peak never holds an old and a doubled buffer together. The dense
 baseline is a transformer of the same width and depth with full causal attention (SDPA) and a KV cache, run
-at the lengths where it fits.
+at the lengths where it fits. With --static-decode, after the model-call decoding the same cache continues
+through `ramba.decoding.StaticDecoder` (CUDA graphs; not for an offloaded cache), timed the same way once both
+of its step variants are captured.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from benchmarks.common import parse_length
 from benchmarks.profiling import top_ops
 from ramba import HSAHybrid, HSAHybridConfig
 from ramba.dense import DenseTransformer
+from ramba.decoding import StaticDecoder
 from ramba.generation import greedy_steps
 
 
@@ -38,11 +42,13 @@ class Result:
     gpu_gib: float | None
     cpu_gib: float
     note: str = ""
+    static_ms: float | None = None
 
     def row(self) -> str:
         tps = f"{self.length / self.prefill_s:,.0f}" if self.prefill_s else "-"
         return (f"| {self.model} | {self.length:,} | {self.prefill_s and f'{self.prefill_s:.1f}' or '-'} | {tps} | "
                 f"{self.decode_ms and f'{self.decode_ms:.2f}' or '-'} | "
+                f"{self.static_ms and f'{self.static_ms:.2f}' or '-'} | "
                 f"{self.gpu_gib is not None and f'{self.gpu_gib:.1f}' or '-'} | {self.cpu_gib:.1f} | {self.note} |")
 
 
@@ -66,15 +72,41 @@ def warm_up(model: HSAHybrid, segment: int) -> None:
     torch.cuda.synchronize()
 
 
+def median_ms(step, calls: int) -> float | None:
+    """Median time of the last 3/4 of `calls` calls of step(), in ms (each call synchronised)."""
+    times = []
+    for _ in range(calls):
+        t0 = synchronize_time()
+        step()
+        times.append(synchronize_time() - t0)
+    return statistics.median(times[len(times) // 4:]) * 1e3 if times else None
+
+
+def static_decode_ms(model: HSAHybrid, cache, token: torch.Tensor, decode_steps: int) -> float:
+    """Continue `cache` through a StaticDecoder: enough steps first that both step variants are captured (3
+    chunk periods), then the median of decode_steps timed steps."""
+    warm = 3 * model.config.chunk_size + 3
+    decoder = StaticDecoder(model, cache, warm + decode_steps)
+    state = {"token": token[:, 0]}
+
+    def step() -> None:
+        state["token"] = decoder.step(state["token"]).argmax(-1)
+
+    for _ in range(warm):
+        step()
+    return median_ms(step, decode_steps)
+
+
 @torch.no_grad()
 def run_hybrid(config: HSAHybridConfig, length: int, segment: int, decode_steps: int, offload_above: float,
-               name: str, profile: bool = False) -> Result:
+               name: str, profile: bool = False, static: bool = False) -> Result:
     model = HSAHybrid(config).cuda().to(torch.bfloat16).eval()
     warm_up(model, segment)
     kv_gib = 2 * length * config.num_kv_heads * config.head_dim * 2 / 2**30
     offload = kv_gib > offload_above
     torch.cuda.reset_peak_memory_stats()
-    cache = model.new_cache(1, offload=offload, max_tokens=length + decode_steps)  # no doubling midway
+    extra = decode_steps + (3 * config.chunk_size + 3 + decode_steps if static else 0)
+    cache = model.new_cache(1, offload=offload, max_tokens=length + extra)  # no doubling midway
     gen = torch.Generator(device="cuda").manual_seed(0)
     start = synchronize_time()
     for pos in tqdm(range(0, length, segment), desc=f"{name} {length:,}", unit="seg", leave=False):
@@ -83,20 +115,19 @@ def run_hybrid(config: HSAHybridConfig, length: int, segment: int, decode_steps:
     prefill = synchronize_time() - start
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     steps = greedy_steps(model, cache, token)
-    times = []
-    for _ in range(decode_steps):
-        t0 = synchronize_time()
-        token = next(steps)
-        times.append(synchronize_time() - t0)
-    decode = statistics.median(times[len(times) // 4:]) * 1e3 if times else None
+    tokens = [token]
+    decode = median_ms(lambda: tokens.append(next(steps)), decode_steps)
+    token = tokens[-1]
     if profile:
         ids = torch.randint(0, config.vocab_size, (1, segment), device="cuda", generator=gen)
         print(f"profile of {name} at {length:,} tokens, one segment of {segment}:\n"
               + top_ops(lambda: model(ids, cache=cache, logits_to_keep=1), calls=1), flush=True)
         print(f"profile of {name} at {length:,} tokens, one decoded token:\n"
               + top_ops(lambda: model(token, cache=cache), calls=1), flush=True)
+    static_ms = static_decode_ms(model, cache, token, decode_steps) if static and not offload else None
     note = "offload" if offload else ""
-    return Result(name, length, prefill, decode, torch.cuda.max_memory_allocated() / 2**30, cpu_peak_gib(), note)
+    return Result(name, length, prefill, decode, torch.cuda.max_memory_allocated() / 2**30, cpu_peak_gib(), note,
+                  static_ms)
 
 
 @torch.no_grad()
@@ -145,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="also write the markdown table to this file")
     p.add_argument("--profile", action="store_true",
                    help="print the top GPU ops of one more segment and one more token after each hybrid run")
+    p.add_argument("--static-decode", action="store_true",
+                   help="also time decoding through ramba.decoding.StaticDecoder (CUDA graphs) on the same cache")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.long_context measures GPU inference and needs a CUDA GPU")
@@ -164,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
             for length in lengths:
                 try:
                     record(run_hybrid(config, length, args.segment, args.decode_steps, args.offload_above,
-                                      name, args.profile))
+                                      name, args.profile, args.static_decode))
                 except (torch.cuda.OutOfMemoryError, MemoryError) as err:
                     record(Result(name, length, None, None, None, cpu_peak_gib(), f"failed: {str(err)[:80]}"))
                 torch.cuda.empty_cache()
@@ -174,8 +207,9 @@ def main(argv: list[str] | None = None) -> None:
                 record(run_dense(config, length, args.segment, args.decode_steps, f"{preset} dense",
                                  args.dense_budget))
                 torch.cuda.empty_cache()
-    header = ["| model | tokens | prefill s | prefill tok/s | decode ms/token | peak GPU GiB | peak CPU GiB | note |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    header = ["| model | tokens | prefill s | prefill tok/s | decode ms/token | static decode ms/token | peak GPU GiB | "
+              "peak CPU GiB | note |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     table = "\n".join(header + [r.row() for r in results])
     print(table)
     if args.out:
