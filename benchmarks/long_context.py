@@ -2,7 +2,7 @@
 
 python -m benchmarks.long_context --presets tiny,small --mixers swa,mamba2 --lengths 64k,1m,16m,64m \
     [--mamba-backends auto] [--segment 4096] [--decode-steps 16] [--out benchmarks/results/long_context.md] [--profile]
-    [--static-decode]
+    [--static-decode] [--batch 1]
 
 Random weights in bf16 on one CUDA GPU; the memory K/V are offloaded to pinned CPU memory when they would
 take more than --offload-above GiB of GPU memory. The cache reserves the whole memory up front
@@ -10,7 +10,8 @@ take more than --offload-above GiB of GPU memory. The cache reserves the whole m
 baseline is a transformer of the same width and depth with full causal attention (SDPA) and a KV cache, run
 at the lengths where it fits. With --static-decode, after the model-call decoding the same cache continues
 through `ramba.decoding.StaticDecoder` (CUDA graphs; not for an offloaded cache), timed the same way once both
-of its step variants are captured.
+of its step variants are captured. --batch B runs B sequences of each length side by side (decode tokens/s =
+B / decode time).
 """
 
 from __future__ import annotations
@@ -99,18 +100,18 @@ def static_decode_ms(model: HSAHybrid, cache, token: torch.Tensor, decode_steps:
 
 @torch.no_grad()
 def run_hybrid(config: HSAHybridConfig, length: int, segment: int, decode_steps: int, offload_above: float,
-               name: str, profile: bool = False, static: bool = False) -> Result:
+               name: str, profile: bool = False, static: bool = False, batch: int = 1) -> Result:
     model = HSAHybrid(config).cuda().to(torch.bfloat16).eval()
     warm_up(model, segment)
-    kv_gib = 2 * length * config.num_kv_heads * config.head_dim * 2 / 2**30
+    kv_gib = 2 * batch * length * config.num_kv_heads * config.head_dim * 2 / 2**30
     offload = kv_gib > offload_above
     torch.cuda.reset_peak_memory_stats()
     extra = decode_steps + (3 * config.chunk_size + 3 + decode_steps if static else 0)
-    cache = model.new_cache(1, offload=offload, max_tokens=length + extra)  # no doubling midway
+    cache = model.new_cache(batch, offload=offload, max_tokens=length + extra)  # no doubling midway
     gen = torch.Generator(device="cuda").manual_seed(0)
     start = synchronize_time()
     for pos in tqdm(range(0, length, segment), desc=f"{name} {length:,}", unit="seg", leave=False):
-        ids = torch.randint(0, config.vocab_size, (1, min(segment, length - pos)), device="cuda", generator=gen)
+        ids = torch.randint(0, config.vocab_size, (batch, min(segment, length - pos)), device="cuda", generator=gen)
         out = model(ids, cache=cache, logits_to_keep=1 if pos + segment >= length else 0)
     prefill = synchronize_time() - start
     token = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -119,7 +120,7 @@ def run_hybrid(config: HSAHybridConfig, length: int, segment: int, decode_steps:
     decode = median_ms(lambda: tokens.append(next(steps)), decode_steps)
     token = tokens[-1]
     if profile:
-        ids = torch.randint(0, config.vocab_size, (1, segment), device="cuda", generator=gen)
+        ids = torch.randint(0, config.vocab_size, (batch, segment), device="cuda", generator=gen)
         print(f"profile of {name} at {length:,} tokens, one segment of {segment}:\n"
               + top_ops(lambda: model(ids, cache=cache, logits_to_keep=1), calls=1), flush=True)
         print(f"profile of {name} at {length:,} tokens, one decoded token:\n"
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="print the top GPU ops of one more segment and one more token after each hybrid run")
     p.add_argument("--static-decode", action="store_true",
                    help="also time decoding through ramba.decoding.StaticDecoder (CUDA graphs) on the same cache")
+    p.add_argument("--batch", type=int, default=1, help="sequences of each length run side by side (hybrids only)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.long_context measures GPU inference and needs a CUDA GPU")
@@ -193,11 +195,12 @@ def main(argv: list[str] | None = None) -> None:
                 for backend in (args.mamba_backends.split(",") if mixer == "mamba2" else ["auto"])]
         for mixer, backend in runs:
             config = HSAHybridConfig.preset(preset, local_mixer=mixer, mamba_backend=backend)
-            name = f"{preset} {mixer}" + (f" ({backend})" if backend != "auto" else "")
+            name = f"{preset} {mixer}" + (f" ({backend})" if backend != "auto" else "") + \
+                (f", B={args.batch}" if args.batch > 1 else "")
             for length in lengths:
                 try:
                     record(run_hybrid(config, length, args.segment, args.decode_steps, args.offload_above,
-                                      name, args.profile, args.static_decode))
+                                      name, args.profile, args.static_decode, args.batch))
                 except (torch.cuda.OutOfMemoryError, MemoryError) as err:
                     record(Result(name, length, None, None, None, cpu_peak_gib(), f"failed: {str(err)[:80]}"))
                 torch.cuda.empty_cache()
