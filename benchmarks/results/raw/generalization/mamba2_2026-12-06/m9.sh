@@ -9,7 +9,8 @@
 # the needle among those with keys right >= 0.9 (chosen on the training table, not on any benchmark prompt).
 # From the repository root (STEPS1, STEPS2, LENGTHS and DEVICE shrink it for a CPU dry run):
 #   RUN=m9 bash benchmarks/results/raw/generalization/mamba2_2026-12-06/m9.sh
-# Outputs: $OUT/$RUN.tar.gz, $OUT/model-*.safetensors (bf16: the chosen first stage and the second stage).
+# Outputs: $OUT/$RUN.tar.gz, $OUT/model-*.safetensors (bf16: every first stage, and the second stage).
+# STAGE2=0 runs the first stage only.
 set -u
 run="${RUN:-m9}"; out="${OUT:-out}"; runs=runs/$run; mkdir -p "$runs" "$out"
 [ -n "${DEVICE:-}" ] || source benchmarks/device_setup.sh
@@ -32,7 +33,8 @@ best=$(for name in reset-w0 reset-w0.1 reset-w1; do
     tail -1 "$runs/$name/mamba2-reset.md" | awk -F'|' -v n="$name" '$6 + 0 >= 0.9 {print $7 + 0, n}'
 done | sort -rn | head -1 | cut -d' ' -f2)
 echo "second stage from: ${best:-none}"
-if [ -n "$best" ]; then  # stopped in time to pack what it has within the call's limit (BUDGET_S from the start)
+stage2=${STAGE2:-1}  # STAGE2=0: the first stage only (its weights come back, the curriculum runs in a later call)
+if [ -n "$best" ] && [ "$stage2" = 1 ]; then  # stopped in time to pack what it has within the call's limit (BUDGET_S from the start)
     LIMIT=$(( ${BUDGET_S:-540} - SECONDS )) stage "$best-stagger" mamba2-reset-all-stagger "${STEPS2:-3000}" 1e-4 0.1 0 "${LENGTHS:-4k,64k,1m}" \
         "$runs/$best/mamba2-reset"
     echo "second stage: $((SECONDS - start)) s"
@@ -42,9 +44,17 @@ to_bf16() {  # a file comes back under 16 MiB
     python3 -c "import sys, torch; from safetensors.torch import load_file, save_file
 save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(sys.argv[1]).items()}, sys.argv[2])" "$1" "$2"
 }
-for name in reset-w0 reset-w0.1 reset-w1 stagger-w1 ${best:+$best-stagger}; do
+names="reset-w0 reset-w0.1 reset-w1 stagger-w1"
+[ -n "$best" ] && [ "$stage2" = 1 ] && names="$names $best-stagger"
+for name in $names; do
     md=$(ls "$runs/$name"/mamba2-*.md | head -1); echo "$name"; grep "^|" "$md" | tail -2
     grep -A2 "^| model" "$runs/$name/passkey/summary.md" | tail -1
 done
-[ -n "$best" ] && to_bf16 "$runs/$best/mamba2-reset/model.safetensors" "$out/model-$best.safetensors" \
+for name in reset-w0 reset-w0.1 reset-w1; do  # every first stage: the one to continue is chosen on its table
+    [ -f "$runs/$name/mamba2-reset/model.safetensors" ] && to_bf16 "$runs/$name/mamba2-reset/model.safetensors" "$out/model-$name.safetensors"
+done
+[ -f "$runs/stagger-w1/mamba2-reset-all-stagger/model.safetensors" ] \
+    && to_bf16 "$runs/stagger-w1/mamba2-reset-all-stagger/model.safetensors" "$out/model-stagger-w1.safetensors"
+[ -n "$best" ] && [ "$stage2" = 1 ] \
     && to_bf16 "$runs/$best-stagger/mamba2-reset-all-stagger/model.safetensors" "$out/model-$best-stagger.safetensors"
+true
