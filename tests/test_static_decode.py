@@ -224,10 +224,11 @@ def test_generate_refuses_static_decode_where_it_cannot_and_keeps_the_cpu_defaul
         model.generate(prompt, 4, return_retrieval=True, static_decode=True)
 
     def refuse(*args, **kwargs):
-        raise AssertionError("the default on CPU decodes with model calls")
+        raise AssertionError("the default, and None on CPU, decode with model calls")
 
     monkeypatch.setattr(ramba.generation, "StaticDecoder", refuse)
     assert model.generate(prompt, 4).shape == (1, 24)
+    assert model.generate(prompt, 4, static_decode=None).shape == (1, 24)
 
 
 # ------------------------------------------------------------------------------------------------ CUDA graphs
@@ -257,6 +258,6 @@ def test_captured_steps_equal_eager_steps_on_cuda(mixer, monkeypatch):
     made = []
     monkeypatch.setattr(ramba.generation, "StaticDecoder", lambda *args: made.append(StaticDecoder(*args)) or made[-1])
     model.double()
-    assert torch.equal(model.generate(ids[:, :40], 50, attention_mask=mask),
+    assert torch.equal(model.generate(ids[:, :40], 50, attention_mask=mask, static_decode=None),
                        model.generate(ids[:, :40], 50, attention_mask=mask, static_decode=False))
     assert len(made) == 1 and made[0]._captured
