@@ -96,8 +96,7 @@ def mamba2_step(mixer: Mamba2, x: Tensor, state: Mamba2State, positions: Tensor)
     B = x.shape[0]
     z, xbc, dt = torch.split(mixer.in_proj(x), [mixer.d_inner, mixer.conv1d.in_channels, mixer.nheads], dim=-1)
     if mixer.reset:
-        restart = positions % mixer.reset == mixer.reset_phase
-        state.ssm.masked_fill_(restart[:, None, None, None], 0.0)
+        state.ssm.masked_fill_(mixer.restarts_at(positions)[:, None, None, None], 0.0)
     conv, history = causal_conv1d_step(xbc, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, state.conv)
     state.conv.copy_(history)
     n = mixer.ngroups * mixer.d_state

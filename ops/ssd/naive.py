@@ -200,16 +200,11 @@ def conv_with_history(conv: Callable[[Tensor], Tensor], x: Tensor, width: int, i
 
 def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor) -> tuple[Tensor, Tensor]:
     """One token of the depthwise causal conv: x [b, c] after the k-1 inputs of state [b, k-1, c]; weight [c, k],
-    bias [c]. Returns the output [b, c] in x's dtype (the taps summed in float32, or float64, in the order of
-    causal_conv1d_ref) and the new state [b, k-1, c] (the last k-1 inputs) in x's dtype."""
-    k = weight.shape[1]
-    window = torch.cat([state.to(x.dtype), x[:, None]], dim=1)                      # [b, k, c]
-    ct = _compute_dtype(x, weight)
-    wf, xf = weight.to(ct), window.to(ct)
-    out = xf.new_zeros(x.shape) if bias is None else bias.to(ct).expand(x.shape)
-    for j in range(k):
-        out = out + xf[:, k - 1 - j] * wf[:, k - 1 - j]
-    return out.to(x.dtype), window[:, 1:]
+    bias [c]. Returns the output [b, c] and the new state [b, k-1, c] (the last k-1 inputs), both in x's dtype:
+    causal_conv1d_ref over the state and the token (fixed shapes, since the state always holds k-1 inputs)."""
+    out, history = conv_with_history(lambda h: causal_conv1d_ref(h, weight, bias), x[:, None], weight.shape[1],
+                                     state, return_final_state=True)
+    return out[:, 0], history
 
 
 def gated_rms_norm_ref(y: Tensor, z: Tensor, weight: Tensor, group_size: int, eps: float) -> Tensor:

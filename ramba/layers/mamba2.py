@@ -147,8 +147,13 @@ class Mamba2(nn.Module):
             offsets = docs.offsets
         else:
             offsets = (torch.arange(l, device=device) if positions is None else positions).expand(b, l)
-        restart = offsets % self.reset == self.reset_phase
+        restart = self.restarts_at(offsets)
         return restart if docs is None else restart | docs.starts
+
+    def restarts_at(self, offsets: Tensor) -> Tensor:
+        """Whether the state restarts at tokens of these positions in their document (any shape, int) -> bool:
+        the block's phase (0, or reset // 2 when staggered) plus a multiple of mamba_reset(_upper)."""
+        return offsets % self.reset == self.reset_phase
 
     def _scan_inputs(self, xs: Tensor, dt: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """xs [b, l, h, p] and in_proj's dt [b, l, h] -> (x, dt, A, D) for `ssd_scan`: dt = softplus(dt + dt_bias)
@@ -182,7 +187,7 @@ class Mamba2(nn.Module):
             if positions is None:
                 raise ValueError("Mamba2 with a state reset (mamba_reset, mamba_reset_upper) needs the tokens' "
                                  "positions [B, L] in the cached form")
-            restart = positions % self.reset == self.reset_phase
+            restart = self.restarts_at(positions)
             restart = restart if valid is None else restart & valid
             if l == 1:  # a decoded token: drop the state where it restarts (keeps the one-step recurrence)
                 state.ssm = torch.where(restart[:, 0, None, None, None], 0.0, state.ssm)
