@@ -1,20 +1,28 @@
-r"""Context parallelism: one sequence sharded over P processes against one process, for training steps.
+r"""Context parallelism: one sequence sharded over P processes against one process, for training steps or for
+inference (a long prompt's prefill, then decoding).
 
-python -m benchmarks.context_parallel [--ranks 1,2] [--preset tiny] [--mixers swa,mamba2] [--lengths 4k,16k]
-    [--batch-size 1] [--steps 3] [--doc-length 0] [--device cpu] [--out FILE.md]
+python -m benchmarks.context_parallel [--task train|prefill] [--ranks 1,2] [--preset tiny] [--mixers swa,mamba2]
+    [--lengths 4k,16k] [--batch-size 1] [--steps 3] [--doc-length 0] [--segment 4096] [--decode-steps 16]
+    [--device cpu] [--out FILE.md]
 
 For each (mixer, length, P): P processes (gloo on CPUs: spawned here, each with cores / P threads; NCCL on
-GPUs: one process per GPU, P <= the GPU count) run forward+backward of the preset's model on one random
-sequence of that length (packed documents of about --doc-length tokens each, when given), each on its slice
-under `ramba.parallel.context_parallel`, and sum the gradients.
-Reported: the median step time after one untimed step, tokens/s, the ratio to one process, the peak memory
-of a process (GPU: allocated; CPU: resident set), and the bytes a rank moved per token of the sequence
-(`ramba.parallel.traffic`: halos, gathered memory and their gradients; its median over ranks).
+GPUs: one process per GPU, P <= the GPU count) run the preset's model on one random sequence of that length.
+--task train: forward+backward (packed documents of about --doc-length tokens each, when given), each rank on
+its slice under `ramba.parallel.context_parallel`, and the gradients summed. Reported: the median step time
+after one untimed step, tokens/s, the ratio to one process, the peak memory of a process (GPU: allocated; CPU:
+resident set), and the bytes a rank moved per token of the sequence (`ramba.parallel.traffic`: halos, gathered
+memory and their gradients; its median over ranks).
+--task prefill: the prompt through `ramba.parallel.prefill_sharded` in rounds of one --segment piece a rank (one
+process: the cache's segment-wise prefill, no offload), then --decode-steps greedy tokens through the sharded
+cache. Reported: the prefill time (after a warm-up on a short prompt) and tokens/s, the ratio to one process, the
+median decode ms/token (last 3/4 of the steps), the peak memory of a process, and the bytes a rank moved per
+prompt token in the prefill. Models in bf16 on GPUs, float32 on CPUs, random weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import resource
@@ -28,7 +36,7 @@ import torch.multiprocessing as mp
 
 from benchmarks.common import command_line, parse_length
 from ramba import HSAHybrid, HSAHybridConfig
-from ramba.parallel import loss_and_gradients, reset_traffic, traffic
+from ramba.parallel import context_parallel, loss_and_gradients, prefill_sharded, reset_traffic, traffic
 
 
 def peak_gib(device: torch.device) -> float:
@@ -47,53 +55,121 @@ def measure(rank: int, size: int, args: argparse.Namespace, mixer: str, length: 
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init}", rank=rank, world_size=size,
-                            timeout=datetime.timedelta(minutes=10))
+                            timeout=datetime.timedelta(minutes=30))
     try:
         torch.manual_seed(0)
         config = HSAHybridConfig.preset(args.preset, local_mixer=mixer)
         model = HSAHybrid(config).to(device)
-        ids = torch.randint(0, config.vocab_size, (args.batch_size, length),
-                            generator=torch.Generator().manual_seed(1)).to(device)
-        piece = ids[:, rank * length // size:(rank + 1) * length // size]
-        docs = {}
-        if args.doc_length:
-            starts = torch.rand(ids.shape, generator=torch.Generator().manual_seed(2)) < 1 / args.doc_length
-            doc_ids = starts.long().cumsum(dim=1).to(device)
-            docs["doc_ids"] = doc_ids[:, rank * length // size:(rank + 1) * length // size]
-        times = []
-        for step in range(args.steps + 1):
-            reset_traffic()
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            with torch.autocast(device.type, torch.bfloat16, enabled=cuda):
-                loss_and_gradients(model, piece, piece, **docs)
-            model.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.synchronize()
-            if step:
-                times.append(time.perf_counter() - start)
-        moved = torch.tensor([float(sum(traffic().values())), peak_gib(device), statistics.median(times)],
-                             dtype=torch.float64, device=device)
-        everyone = [torch.empty_like(moved) for _ in range(size)]
-        dist.all_gather(everyone, moved)
+        ids = torch.randint(0, config.vocab_size, (args.batch_size, length), generator=torch.Generator().manual_seed(1))
+        cell = (train if args.task == "train" else prefill)(model, ids, rank, size, args, device)
+        everyone = [torch.empty_like(cell) for _ in range(size)]
+        dist.all_gather(everyone, cell.to(device))
         if rank == 0:
-            step_s = max(float(m[2]) for m in everyone)
-            results[(mixer, length, size)] = (step_s, statistics.median(float(m[0]) for m in everyone)
-                                              / (args.batch_size * length), max(float(m[1]) for m in everyone))
+            slowest = [max(float(m[i]) for m in everyone) for i in (0, 2, 3)]
+            results[(mixer, length, size)] = (slowest[0], statistics.median(float(m[1]) for m in everyone)
+                                              / (args.batch_size * length), slowest[1], slowest[2])
     finally:
         dist.destroy_process_group()
 
 
+def sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def train(model: HSAHybrid, ids: torch.Tensor, rank: int, size: int, args: argparse.Namespace,
+          device: torch.device) -> torch.Tensor:
+    """The median training step s, bytes moved, peak GiB, 0 (no decoding) of this rank."""
+    length = ids.shape[1]
+    piece = ids[:, rank * length // size:(rank + 1) * length // size].to(device)
+    docs = {}
+    if args.doc_length:
+        starts = torch.rand(ids.shape, generator=torch.Generator().manual_seed(2)) < 1 / args.doc_length
+        docs["doc_ids"] = starts.long().cumsum(dim=1)[:, rank * length // size:(rank + 1) * length // size].to(device)
+    times = []
+    for step in range(args.steps + 1):
+        reset_traffic()
+        start = sync(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            loss_and_gradients(model, piece, piece, **docs)
+        model.zero_grad(set_to_none=True)
+        if step:
+            times.append(sync(device) - start)
+    return torch.tensor([statistics.median(times), float(sum(traffic().values())), peak_gib(device), 0.0],
+                        dtype=torch.float64)
+
+
+@torch.no_grad()
+def prefill(model: HSAHybrid, ids: torch.Tensor, rank: int, size: int, args: argparse.Namespace,
+            device: torch.device) -> torch.Tensor:
+    """The prefill s, bytes moved in it, peak GiB and median decode s/token of this rank."""
+    model.eval()
+    if device.type == "cuda":
+        model.to(torch.bfloat16)
+    segment = min(args.segment, ids.shape[1] // size)
+
+    def run(prompt: torch.Tensor, steps: int) -> tuple[float, list[float]]:
+        cache = model.new_cache(prompt.shape[0])
+        start = sync(device)
+        if size == 1:  # one process: the cache's own segment-wise prefill
+            for begin in range(0, prompt.shape[1], segment):
+                end = min(begin + segment, prompt.shape[1])
+                logits = model(prompt[:, begin:end].to(device), cache=cache,
+                               logits_to_keep=int(end == prompt.shape[1])).logits[:, -1:]
+            logits = logits[:, 0]
+        else:
+            logits = prefill_sharded(model, prompt, cache, segment)
+        prefill_s = sync(device) - start
+        times = []
+        with context_parallel() if size > 1 else contextlib.nullcontext():
+            for _ in range(steps):
+                token = logits.argmax(-1, keepdim=True)
+                start = sync(device)
+                logits = model(token, cache=cache).logits[:, -1]
+                times.append(sync(device) - start)
+        return prefill_s, times
+
+    run(ids[:, :size * segment], 2)  # warm-up: kernels, CUDA context, NCCL
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    reset_traffic()
+    prefill_s, times = run(ids, args.decode_steps)
+    moved = float(sum(traffic().values()))  # the decoding's share is tiny: about 4 KB a token (the cache module)
+    decode_s = statistics.median(times[len(times) // 4:]) if times else 0.0
+    return torch.tensor([prefill_s, moved, peak_gib(device), decode_s], dtype=torch.float64)
+
+
+def table(args: argparse.Namespace, results: dict) -> str:
+    if args.task == "train":
+        rows = ["| model | tokens | ranks | step ms | tokens/s | vs 1 rank | peak GiB per rank | bytes moved per token "
+                "per rank |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    else:
+        rows = ["| model | tokens | ranks | prefill s | tokens/s | vs 1 rank | decode ms/token | peak GiB per rank | "
+                "bytes moved per prompt token per rank |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (mixer, length, size), (seconds, per_token, gib, decode_s) in sorted(results.items()):
+        base = results.get((mixer, length, 1))
+        speedup = f"{base[0] / seconds:.2f}" if base else "-"
+        first = f"{seconds * 1e3:.0f}" if args.task == "train" else f"{seconds:.2f}"
+        decode = [] if args.task == "train" else [f"{decode_s * 1e3:.1f}"]
+        rows.append(" | ".join([f"| {args.preset} {mixer}", f"{length:,}", str(size), first,
+                                f"{args.batch_size * length / seconds:,.0f}", speedup, *decode, f"{gib:.2f}",
+                                f"{per_token:,.0f} |"]))
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=["train", "prefill"], default="train")
     p.add_argument("--ranks", default="1,2", help="process counts, one row each")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--mixers", default="swa,mamba2")
     p.add_argument("--lengths", default="4k,16k", help="tokens per sequence")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--steps", type=int, default=3, help="timed steps (after one untimed)")
-    p.add_argument("--doc-length", type=int, default=0, help="mean length of packed documents (0: one a row)")
+    p.add_argument("--steps", type=int, default=3, help="train: timed steps (after one untimed)")
+    p.add_argument("--doc-length", type=int, default=0, help="train: mean length of packed documents (0: one a row)")
+    p.add_argument("--segment", type=int, default=4096, help="prefill: tokens a rank runs at once")
+    p.add_argument("--decode-steps", type=int, default=16, help="prefill: greedy tokens decoded after the prompt")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", help="also write the table, with the command, to this markdown file")
     args = p.parse_args(argv)
@@ -108,22 +184,16 @@ def main(argv: list[str] | None = None) -> None:
                 with tempfile.TemporaryDirectory() as tmp:
                     mp.spawn(measure, args=(size, args, mixer, length, os.path.join(tmp, "init"), results),
                              nprocs=size, join=True)
-                step_s, per_token, gib = results[(mixer, length, size)]
-                print(f"{args.preset} {mixer} {length:,} tokens on {size}: {step_s * 1e3:.0f} ms", flush=True)
-    rows = ["| model | tokens | ranks | step ms | tokens/s | vs 1 rank | peak GiB per rank | bytes moved per token "
-            "per rank |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for (mixer, length, size), (step_s, per_token, gib) in sorted(results.items()):
-        base = results.get((mixer, length, 1))
-        speedup = f"{base[0] / step_s:.2f}" if base else "-"
-        rows.append(f"| {args.preset} {mixer} | {length:,} | {size} | {step_s * 1e3:.0f} | "
-                    f"{args.batch_size * length / step_s:,.0f} | {speedup} | {gib:.2f} | {per_token:,.0f} |")
-    table = "\n".join(rows)
-    print(table)
+                seconds = results[(mixer, length, size)][0]
+                print(f"{args.preset} {mixer} {length:,} tokens on {size}: {seconds:.3f} s", flush=True)
+    text = table(args, dict(results))
+    print(text)
     if args.out:
+        what = (f"{args.steps} timed steps, documents of about {args.doc_length or 'the whole row'} tokens"
+                if args.task == "train" else f"segments of {args.segment} tokens, {args.decode_steps} decoded tokens")
         with open(args.out, "w") as f:
-            f.write(f"# Context parallelism\n\n`{command_line('context_parallel', argv)}`\n\n{args.device}, torch "
-                    f"{torch.__version__}, batch {args.batch_size}, {args.steps} timed steps, documents of about "
-                    f"{args.doc_length or 'the whole row'} tokens\n\n{table}\n")
+            f.write(f"# Context parallelism: {args.task}\n\n`{command_line('context_parallel', argv)}`\n\n{args.device}, "
+                    f"torch {torch.__version__}, batch {args.batch_size}, {what}\n\n{text}\n")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 `ChunkMemory` is what the chunk encoder returns for a whole input (full forward pass); `ChunkStore` is an
 inference cache's growing memory of every chunk completed so far, optionally offloaded to CPU memory. HSA
-only calls the methods of `Memory` on either (or on ramba.parallel.cache's ShardedStore, one rank's part of a
-memory sharded across ranks, which retrieves and combines collectively).
+only calls the methods of `Memory` on either (or on a memory sharded across ranks, which retrieves and
+aggregates collectively: ramba.parallel.store's ShardedStore, one rank's part of a sharded cache, and
+ramba.parallel.prefill's RoundMemory, what a round of a segment-wise sharded prefill reads).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from ramba.ops import hsa_retrieve
+from ramba.ops import hsa_aggregate, hsa_retrieve
 
 from .config import HSAHybridConfig
 
@@ -28,23 +29,26 @@ class Memory(Protocol):
                  window: int | None, backend: str, gumbel: float) -> tuple[torch.Tensor, torch.Tensor]:
         """hsa_retrieve of queries qr [N, L, Hr, dr] over this memory: indices, scores [N, L, Hr, K]."""
 
-    def for_aggregate(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Memory k, v [N, C'*S, H, D] and the selected chunks indices [N, L, H, K] renumbered into them."""
-
-    def combine(self, partial: torch.Tensor) -> torch.Tensor:
-        """HSA's attention output [N, L, H, D] from what hsa_aggregate read in this memory."""
+    def aggregate(self, q: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, chunk_size: int,
+                  softmax_off_by_one: bool, backend: str) -> torch.Tensor:
+        """hsa_aggregate of queries q [N, L, HQ, D] inside the selected chunks indices [N, L, H, K] (from
+        `retrieve`, -1 for empty slots) mixed by weights [N, L, H, K] -> [N, L, HQ, D]."""
 
 
 class LocalMemory:
-    """retrieve and combine of a memory held whole by this process (ChunkMemory, ChunkStore)."""
+    """retrieve and aggregate of a memory held whole by this process (ChunkMemory, ChunkStore), which
+    `for_aggregate` gives as k, v [N, C'*S, H, D] with the indices renumbered into them."""
 
     def retrieve(self, qr: torch.Tensor, topk: int, chunk_size: int, positions: torch.Tensor | None,
                  window: int | None, backend: str, gumbel: float) -> tuple[torch.Tensor, torch.Tensor]:
         return hsa_retrieve(qr, self.retrieval_landmarks(), topk, chunk_size, positions=positions, window=window,
                             backend=backend, gumbel=gumbel)
 
-    def combine(self, partial: torch.Tensor) -> torch.Tensor:
-        return partial
+    def aggregate(self, q: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, chunk_size: int,
+                  softmax_off_by_one: bool, backend: str) -> torch.Tensor:
+        k, v, indices = self.for_aggregate(indices)
+        return hsa_aggregate(q, k, v, indices, weights, chunk_size,  # indices from hsa_retrieve: no sync
+                             softmax_off_by_one=softmax_off_by_one, backend=backend, check_indices=False)
 
 
 @dataclass

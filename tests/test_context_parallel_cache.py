@@ -14,10 +14,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ramba import HSAHybrid
-from ramba.memory import ChunkMemory, ChunkStore
+from ramba.memory import ChunkMemory
 from ramba.ops import hsa_retrieve
 from ramba.parallel import context_parallel, reset_traffic, traffic
-from ramba.parallel.cache import ShardedStore
+from ramba.parallel.store import ShardedStore
 from ramba.generation import generate
 from ramba.parallel.group import ContextParallel
 from ramba.parallel.generation import generate_sharded
@@ -80,13 +80,15 @@ def check_decoding(rank: int, size: int, mixer: str | list[str], seed: int) -> N
     # each rank holds its own chunks; the last one also those completed while decoding
     own = per_rank // chunk
     new = (per_rank * size + DECODE) // chunk - size * own if rank + 1 == size else 0
-    assert cache.store.offset == rank * own and cache.store.count.tolist() == [own + new] * 2, what
+    held = list(range(rank * own, (rank + 1) * own)) + list(range(size * own, size * own + new))
+    assert cache.store.ids.tolist() == held and cache.store.count.tolist() == [own + new] * 2, what
     assert cache.lengths.tolist() == [per_rank * size + DECODE] * 2
     # per decoded token and HSA layer: (score, index) pairs gathered, the partial outputs all-reduced
     hsa_layers = config.n_upper_layers
     pairs = (size - 1) * 2 * config.num_retrieval_heads * config.topk * 16
     outputs = 2 * (size - 1) * (2 * config.num_heads * config.head_dim * 8) // size
-    assert all(m == {"p2p": 0, "all_gather": hsa_layers * pairs, "all_reduce": hsa_layers * outputs} for m in moved), \
+    assert all(m == {"p2p": 0, "all_gather": hsa_layers * pairs, "all_reduce": hsa_layers * outputs, "all_to_all": 0}
+               for m in moved), \
         (what, moved[0])
 
 
@@ -99,11 +101,11 @@ def check_ties(rank: int, size: int) -> None:
     landmarks = torch.randint(0, 2, (2, per_rank * size, hr, dr), generator=gen).double()
     qr = torch.randint(0, 2, (2, 9, hr, dr), generator=gen).double()
     positions = torch.randint(0, 16 * (per_rank * size + 1), (2, 9), generator=gen)
-    store = ShardedStore(config, 2, torch.device("cpu"), torch.float64, False, ContextParallel(), rank * per_rank)
+    store = ShardedStore(config, 2, torch.device("cpu"), torch.float64, False, ContextParallel())
     mine = landmarks[:, rank * per_rank:(rank + 1) * per_rank]
-    ChunkStore.append(store, ChunkMemory(mine, torch.zeros(2, per_rank * 16, 1, 16, dtype=torch.float64),
-                                         torch.zeros(2, per_rank * 16, 1, 16, dtype=torch.float64)),
-                      torch.full((2,), per_rank))
+    store.own(ChunkMemory(mine, torch.zeros(2, per_rank * 16, 1, 16, dtype=torch.float64),
+                          torch.zeros(2, per_rank * 16, 1, 16, dtype=torch.float64)), rank * per_rank)
+    store.grow(per_rank * size)
     for window in (None, 24):
         want = hsa_retrieve(qr, landmarks, config.topk, 16, positions, window)
         got = store.retrieve(qr, config.topk, 16, positions, window, "torch", 0.0)
@@ -149,6 +151,8 @@ def check_generate(rank: int, size: int, mixer: str) -> None:
     got = generate_sharded(model, mine, 12, stop_tokens=[stop], pad_token_id=39)
     assert torch.equal(got, want) and bool((want == 39).any()), (mixer, size, got, want)
     assert generate_sharded(model, mine, 0).shape == (2, 0)
+    got = generate_sharded(model, mine, 12, stop_tokens=[stop], pad_token_id=39, segment_length=16)  # in rounds
+    assert torch.equal(got, want), (mixer, size, got, want)
 
 
 def worker(rank: int, size: int, init_file: str, cases: list[tuple[str | list[str], int]]) -> None:

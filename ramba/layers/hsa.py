@@ -6,8 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ramba.ops import hsa_aggregate
-
 from ..config import HSAHybridConfig
 from ..documents import DocLayout
 from ..memory import Memory
@@ -34,7 +32,7 @@ class HSA(nn.Module):
 
     positions [B, L]: absolute positions of the tokens (default: 0 .. L-1 in each document of the layout);
     memory: the chunk memory of the whole input, or an inference cache's ChunkStore (ramba.memory; a sharded
-    cache's ShardedStore retrieves and combines collectively, ramba.parallel.cache)."""
+    memory retrieves and aggregates collectively, ramba.parallel)."""
 
     def __init__(self, config: HSAHybridConfig):
         super().__init__()
@@ -59,9 +57,6 @@ class HSA(nn.Module):
             kv_indices = indices.expand(-1, -1, cfg.num_kv_heads, -1)
             kv_weights = weights.expand(-1, -1, cfg.num_kv_heads, -1)
         q = self.q_proj(xs).view(N, L, cfg.num_heads, cfg.head_dim)
-        k, v, kv_indices = memory.for_aggregate(kv_indices)
-        o = hsa_aggregate(q, k, v, kv_indices, kv_weights, cfg.chunk_size,  # indices from hsa_retrieve: no sync
-                          softmax_off_by_one=cfg.softmax_off_by_one, backend=cfg.ops_backend, check_indices=False)
-        o = memory.combine(o)  # a sharded memory: the sum of what each rank read in the chunks it holds
+        o = memory.aggregate(q, kv_indices, kv_weights, cfg.chunk_size, cfg.softmax_off_by_one, cfg.ops_backend)
         out = self.o_proj(o.reshape(N, L, cfg.num_heads * cfg.head_dim))
         return layout.pack(out), layout.pack(indices), layout.pack(weights)

@@ -102,8 +102,9 @@ class Mamba2(nn.Module):
                 positions: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
         """x: [B, L, d_model] -> [B, L, d_model]; docs: the documents (integer ids [B, L] or a DocIndex). With a
         state (inference), continue from it and update it; valid bool [B, L] marks real tokens (left padding
-        is allowed before a row's first token). Under context parallelism a state must be fresh (a sharded
-        prefill, ramba.parallel.cache): it takes the conv inputs and the SSM state after this rank's slice."""
+        is allowed before a row's first token). Under context parallelism (a round of a sharded prefill,
+        ramba.parallel.prefill) every rank holds the same state, rank 0 continues from it, and it takes the conv
+        inputs and the SSM state after this rank's slice."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"Mamba2: x must be [B, L, d_model={self.d_model}], got shape {tuple(x.shape)}")
         cp = active()  # under context parallelism: this rank's slice of a sharded sequence, exactly
@@ -114,13 +115,14 @@ class Mamba2(nn.Module):
             raise ValueError(f"Mamba2: doc_ids must be [B, L] = {tuple(x.shape[:2])}, got shape {tuple(docs.shape)}")
         b, l, _ = x.shape
         z, xbc, dt = torch.split(self.in_proj(x), [self.d_inner, self.conv1d.in_channels, self.nheads], dim=-1)
-        if state is not None:  # a sharded prefill into a fresh state: the slice's last d_conv-1 conv inputs
-            state.conv = xbc[:, l - state.conv.shape[1]:]
+        history = None
+        if state is not None:  # a sharded prefill: continue from the state, keep the slice's last conv inputs
+            history, state.conv = state.conv, xbc[:, l - state.conv.shape[1]:]
         if cp is None:
             xbc = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, docs, backend=self.backend)
         else:
             xbc = context_parallel_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, cp.group,
-                                          backend=self.backend, docs=docs)
+                                          backend=self.backend, docs=docs, history=history)
         xbc = F.silu(xbc)
         xs, B, C = torch.split(xbc, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         xs = xs.reshape(b, l, self.nheads, self.headdim)
@@ -132,8 +134,9 @@ class Mamba2(nn.Module):
             y = ssd_scan(*scan_args, backend=self.backend)
         elif state is None:
             y = context_parallel_scan(*scan_args, cp.group, backend=self.backend)
-        else:  # and the true SSM state after the slice
-            y, state.ssm = context_parallel_scan(*scan_args, cp.group, backend=self.backend, return_final_state=True)
+        else:  # from the state before the sequence, and the true SSM state after the slice
+            y, state.ssm = context_parallel_scan(*scan_args, cp.group, backend=self.backend, return_final_state=True,
+                                                 initial_state=state.ssm)
         return self.out_proj(self.norm(self._skip(y, xs).reshape(b, l, self.d_inner), z))
 
     def _restarts(self, docs: DocIndex | None, b: int, l: int, positions: Tensor | None,

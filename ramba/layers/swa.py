@@ -50,8 +50,8 @@ class SlidingWindowAttention(nn.Module):
 
         With a state (inference): positions [B, L] are absolute, valid bool [B, L] marks real tokens (not
         padding); the keys of the last W-1 positions are read from and written back to the state. Under context
-        parallelism the state must be fresh (a sharded prefill, ramba.parallel.cache): it takes the keys of the
-        slice's last W-1 positions.
+        parallelism (a round of a sharded prefill, ramba.parallel.prefill) every rank holds the same state, rank
+        0 continues from it, and it takes the keys of this rank's last W-1 positions.
         """
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
@@ -64,8 +64,9 @@ class SlidingWindowAttention(nn.Module):
         backend = self.config.swa_backend
         cp = active()
         if cp is not None:  # this rank's slice of a sharded sequence (global positions)
-            out = context_parallel_swa(q, k, v, self.config.window, cp.group, backend, docs)
-            if state is not None:  # a sharded prefill into a fresh state: the slice's last W-1 keys
+            history = None if state is None or state.k.shape[1] == 0 else (state.k, state.v)
+            out = context_parallel_swa(q, k, v, self.config.window, cp.group, backend, docs, history)
+            if state is not None:  # a sharded prefill: the slice's last W-1 keys (ramba.parallel.prefill)
                 start = max(0, length - (self.config.window - 1))
                 state.k, state.v = k[:, start:], v[:, start:]
         elif state is None:

@@ -3,11 +3,13 @@ then decode with every rank reading only its own part of the chunk memory.
 
 `with context_parallel(group): model(ids_slice, cache=cache)` with a fresh `model.new_cache(B)` on every rank,
 rank r giving its slice [B, Lr] of the prompt (Lr equal on all ranks, a multiple of chunk_size), runs the
-sharded full forward (ramba.parallel.model) and fills the caches. Afterwards:
-- rank r's chunk store holds the landmarks and memory keys/values of its own chunks only, global chunks
-  r*Cr .. (r+1)*Cr - 1 (Cr = Lr / chunk_size); chunks completed while decoding go to the last rank's store;
+sharded full forward (ramba.parallel.model) and fills the caches: one round of ramba.parallel.prefill, whose
+`prefill_sharded` takes a prompt too long for one forward in many rounds. Afterwards:
+- each rank's chunk store (a ShardedStore, ramba.parallel.store) holds the landmarks and memory keys/values of
+  the chunks it encoded only (here: rank r those of its slice); chunks completed while decoding go to the last
+  rank's store;
 - every rank holds the mixer states (SWA keys of the last W-1 positions, Mamba2 conv inputs and SSM state) a
-  one-process cache holds after the whole prompt: the last rank computes them, then broadcasts them once;
+  one-process cache holds after the whole prompt: the last rank computes them, then broadcasts them;
 - there is no pending partial chunk (the prompt is whole chunks).
 Leave new_cache's max_tokens unset here: it would reserve the whole memory on every rank before the prefill
 replaces that store with the rank's own, which grows as needed.
@@ -25,99 +27,18 @@ slice: the next token comes from the last rank's, broadcast).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from ramba.ops import hsa_retrieve
-
-from ..config import HSAHybridConfig
-from ..documents import DocLayout
-from ..memory import ChunkMemory, ChunkStore
-from .context import TRAFFIC, _bytes, _peer, all_gather_autograd
 from .group import ContextParallel, paused
-from .model import gather_memory, global_positions, require_chunk_slices
+from .model import require_chunk_slices
+from .prefill import prefill_round
 
 if TYPE_CHECKING:
     from ..cache import HSACache
     from ..model import HSAHybrid
-
-
-class ShardedStore(ChunkStore):
-    """A ChunkStore holding the global chunks offset .. offset + count - 1 of each row, one rank's part of a
-    sharded cache's memory; HSA reads it through `retrieve`, `for_aggregate` and `combine`."""
-
-    def __init__(self, config: HSAHybridConfig, batch: int, device: torch.device, dtype: torch.dtype, offload: bool,
-                 cp: ContextParallel, offset: int):
-        super().__init__(config, batch, device, dtype, offload)
-        self.group, self.offset = cp.group, offset
-        self.last = cp.rank + 1 == cp.size
-
-    def append(self, memory: ChunkMemory, new: torch.Tensor) -> None:
-        """Chunks completed after the prefill: the last rank keeps them, the others drop them."""
-        if self.last:
-            super().append(memory, new)
-
-    def retrieve(self, qr: torch.Tensor, topk: int, chunk_size: int, positions: torch.Tensor | None,
-                 window: int | None, backend: str, gumbel: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """hsa_retrieve over every rank's chunks (collective): qr [B, L, Hr, dr], positions [B, L] global ->
-        indices [B, L, Hr, K] (global, most recent first, -1 last), scores [B, L, Hr, K] (-inf when empty)."""
-        if gumbel:
-            raise ValueError("a sharded cache selects chunks without Gumbel noise: call model.eval() to decode")
-        S = chunk_size
-        local, scores = hsa_retrieve(qr, self.retrieval_landmarks(), topk, S, positions - self.offset * S,
-                                     window, backend)
-        mine = torch.where(local >= 0, local + self.offset, -1)
-        pairs = torch.stack([scores.double(), mine.double()], dim=-1)      # exact: indices < 2**53
-        parts = all_gather_autograd(pairs, self.group)                      # [P, B, L, Hr, K, 2]
-        parts = parts.movedim(0, -2).flatten(-3, -2)                        # [B, L, Hr, P*K, 2]
-        indices, candidates = parts[..., 1].long(), parts[..., 0]
-        by_recency = torch.sort(indices, dim=-1, descending=True, stable=True).indices
-        ranked = torch.gather(candidates, -1, by_recency)                  # equal scores: the more recent first
-        order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :topk]
-        best = torch.gather(by_recency, -1, order)                          # places in the candidates
-        picked = torch.sort(torch.gather(indices, -1, best), dim=-1, descending=True)  # most recent first, -1 last
-        picked_scores = torch.gather(torch.gather(candidates, -1, best), -1, picked.indices)
-        return picked.values, picked_scores.masked_fill(picked.values < 0, float("-inf")).to(scores.dtype)
-
-    def for_aggregate(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Global chunk indices [B, L, H, K] -> this rank's k, v and the indices of the chunks it holds (-1 for
-        the others', which its partial output leaves out)."""
-        local = indices - self.offset
-        held = (indices >= 0) & (local < self.count.view(-1, *[1] * (indices.dim() - 1)))
-        return super().for_aggregate(torch.where(held, local, -1))
-
-    def combine(self, partial: torch.Tensor) -> torch.Tensor:
-        """The sum over ranks of the partial outputs [B, L, ...] (one all-reduce)."""
-        total = partial.contiguous().clone()
-        dist.all_reduce(total, group=self.group)
-        size = dist.get_world_size(self.group)
-        TRAFFIC["all_reduce"] += 2 * (size - 1) * _bytes(total) // size
-        return total
-
-
-def shard_store(cache: HSACache, memory: ChunkMemory, cp: ContextParallel) -> None:
-    """Give `cache` a ShardedStore holding this rank's chunks of the prompt: memory landmarks [B, Cr, Hr, dr],
-    k, v [B, Cr*S, H, D]."""
-    chunks = memory.landmarks.shape[1]
-    store = ShardedStore(cache.config, cache.batch_size, cache.device, cache.dtype, cache.offload, cp,
-                         cp.rank * chunks)
-    ChunkStore.append(store, memory, torch.full((cache.batch_size,), chunks, device=cache.device))
-    cache.store = store
-
-
-def share_states(cache: HSACache, cp: ContextParallel) -> None:
-    """Broadcast the last rank's mixer states to every rank (they all decode alike)."""
-    source = _peer(cp.group, cp.size - 1)
-    for state in cache.states:
-        for field in dataclasses.fields(state):
-            value = getattr(state, field.name)
-            if isinstance(value, torch.Tensor):
-                value = value.contiguous()
-                dist.broadcast(value, source, group=cp.group)
-                setattr(state, field.name, value)
 
 
 def check_cache_inputs(cp: ContextParallel, cache: HSACache, chunk_size: int, input_ids: torch.Tensor,
@@ -155,34 +76,11 @@ def check_cache_inputs(cp: ContextParallel, cache: HSACache, chunk_size: int, in
                          "(or different ids) on the ranks: broadcast the chosen tokens before the next step")
 
 
-def prefill(model: HSAHybrid, input_ids: torch.Tensor, cache: HSACache,
-            cp: ContextParallel) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """This rank's slice [B, Lr] of the prompt through the sharded full forward, filling a fresh cache (what each
-    rank then holds: the module docstring). Returns the final hidden states [B, Lr, d] and the retrievals."""
-    cache.check(model, input_ids, None, model.embed.weight)
-    B, L = input_ids.shape
-    positions = global_positions(cp, L, input_ids.device).expand(B, L)
-    n_lower = model.config.n_lower_layers
-    x = model.embed(input_ids.long())
-    for i, block in enumerate(model.lower):  # a mixer under a group with a fresh state fills it (global positions)
-        x = block(x, None, cache.states[i], positions)
-    memory = None
-    if model.encoder is not None:
-        local = model.encoder(model.memory_norm(x))
-        shard_store(cache, local, cp)
-        memory = gather_memory(local, cp)
-    x, retrieval = model._run_upper(x, memory, DocLayout(B, L), None, cache.states[n_lower:], positions, None)
-    share_states(cache, cp)
-    cache.lengths += L * cp.size
-    cache.context_parallel = cp
-    return x, retrieval
-
-
 def forward_cached(model: HSAHybrid, input_ids: torch.Tensor, cache: HSACache,
                    cp: ContextParallel) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """The sharded prefill into a fresh cache, or the next tokens [B, L] (the same on every rank) from a sharded
     one: the mixers run as on one process, HSA reads the ShardedStores collectively."""
-    if not cache.started:
-        return prefill(model, input_ids, cache, cp)
+    if not cache.started:  # one round: every rank's slice at once
+        return prefill_round(model, input_ids, cache, 0, cp)
     with paused():
         return model._forward_cached(input_ids, None, cache, input_ids.shape[1])

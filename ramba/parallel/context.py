@@ -30,13 +30,13 @@ __all__ = ["all_gather_autograd", "context_parallel_conv1d", "context_parallel_s
            "halo_exchange", "reset_traffic", "traffic"]
 
 
-TRAFFIC: dict[str, int] = {"p2p": 0, "all_gather": 0, "all_reduce": 0}
+TRAFFIC: dict[str, int] = {"p2p": 0, "all_gather": 0, "all_reduce": 0, "all_to_all": 0}
 
 
 def traffic() -> dict[str, int]:
     """Bytes this process moved through the collectives of this module since the last `reset_traffic`, by
-    kind: point-to-point messages sent, all-gather bytes received ((P-1) parts) and all-reduce bytes sent
-    (2 (P-1)/P of the tensor, a ring all-reduce's share). A model for the benchmarks, not a network counter."""
+    kind: point-to-point messages sent, all-gather bytes received ((P-1) parts), all-reduce bytes sent
+    (2 (P-1)/P of the tensor, a ring all-reduce's share) and all-to-all bytes sent ((P-1)/P of the tensor). A model for the benchmarks, not a network counter."""
     return dict(TRAFFIC)
 
 
@@ -171,7 +171,8 @@ class _Tie(Function):
 
 
 def context_parallel_swa(q: Tensor, k: Tensor, v: Tensor, window: int, group: dist.ProcessGroup | None = None,
-                         backend: str = "auto", docs: SliceDocs | None = None) -> Tensor:
+                         backend: str = "auto", docs: SliceDocs | None = None,
+                         history: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Sliding-window attention of this rank's slice, equal to its slice of the full-sequence attention.
 
     q: [B, Lr, HQ, D], k, v: [B, Lr, H, D], RoPE already applied with global positions -> [B, Lr, HQ, D]
@@ -180,7 +181,9 @@ def context_parallel_swa(q: Tensor, k: Tensor, v: Tensor, window: int, group: di
     runs in its cached form; on rank 0 key_valid marks the missing halo. Gradients of the halo reach the
     previous rank's k, v. Precondition: window - 1 <= Lr. docs (`ramba.parallel.documents.SliceDocs`): packed
     documents, which may continue across ranks; the attention then runs in its full form on the halo and the
-    slice together, with the halo's document ids, and the halo's outputs are dropped.
+    slice together, with the halo's document ids, and the halo's outputs are dropped. history: the keys and
+    values [B, window-1, H, D] of the positions before rank 0's slice (a sharded cache continuing, the same on
+    every rank; inference only): rank 0's halo.
     """
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"context_parallel_swa: window must be an integer >= 1, got {window!r}")
@@ -188,6 +191,15 @@ def context_parallel_swa(q: Tensor, k: Tensor, v: Tensor, window: int, group: di
         raise ValueError(f"context_parallel_swa: q [B, Lr, HQ, D] and k, v [B, Lr, H, D] must agree, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     width = window - 1
+    if history is not None:
+        if docs is not None or history[0].shape[1] != width:
+            raise ValueError(f"context_parallel_swa: history must hold the {width} keys before the sequence, without "
+                             f"docs, got {history[0].shape[1]}")
+        if dist.get_rank(group) == 0:
+            k, v = torch.cat([history[0].to(k.dtype), k], dim=1), torch.cat([history[1].to(v.dtype), v], dim=1)
+            q = torch.cat([q.new_zeros((q.shape[0], width, *q.shape[2:])), q], dim=1)
+        out = context_parallel_swa(q, k, v, window, group, backend, docs)
+        return out[:, width:] if dist.get_rank(group) == 0 else out
     if dist.get_world_size(group) == 1 or width == 0:
         return sliding_window_attention(q, k, v, window, docs, backend)
     if width > q.shape[1]:
@@ -205,36 +217,44 @@ def context_parallel_swa(q: Tensor, k: Tensor, v: Tensor, window: int, group: di
 
 def context_parallel_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None,
                             group: dist.ProcessGroup | None = None, backend: str = "auto",
-                            docs: SliceDocs | None = None) -> Tensor:
+                            docs: SliceDocs | None = None, history: Tensor | None = None) -> Tensor:
     """Mamba2's depthwise causal conv on this rank's slice: x [B, Lr, C], weight [C, K], bias [C] -> [B, Lr, C],
     equal to the slice of `causal_conv1d` on the full sequence. The K-1 inputs before the slice come from the
     previous rank (zeros on rank 0, which is what the conv assumes before the first token); the conv runs on
     the halo and the slice together in its full form and the halo's outputs are dropped. Precondition:
     K - 1 <= Lr. docs (`ramba.parallel.documents.SliceDocs`): packed documents; the taps stop at each document's
-    first token, also when its document started on an earlier rank.
+    first token, also when its document started on an earlier rank. history [B, K-1, C]: the inputs before rank
+    0's slice (a sharded cache continuing, the same on every rank; without docs): rank 0's halo instead of zeros.
     """
     if weight.dim() != 2:
         raise ValueError(f"context_parallel_conv1d: weight must be [C, K], got shape {tuple(weight.shape)}")
     width = weight.shape[1] - 1
-    history, _ = halo_exchange(x, width, group)
+    if history is not None and (docs is not None or history.shape[1] != width):
+        raise ValueError(f"context_parallel_conv1d: history must hold the {width} inputs before the sequence, "
+                         f"without docs, got shape {tuple(history.shape)}")
+    extended, _ = halo_exchange(x, width, group)
+    if history is not None and dist.get_rank(group) == 0:
+        extended = torch.cat([history.to(x.dtype), x], dim=1)
     ids = None if docs is None else DocIndex(docs.with_halo(width))
-    return causal_conv1d(history, weight, bias, ids, backend=backend)[:, width:]
+    return causal_conv1d(extended, weight, bias, ids, backend=backend)[:, width:]
 
 
 def context_parallel_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
                           D: Tensor | None = None, seq_start: Tensor | DocIndex | None = None,
                           group: dist.ProcessGroup | None = None, *, return_final_state: bool = False,
-                          backend: str = "auto") -> Tensor | tuple[Tensor, Tensor]:
+                          initial_state: Tensor | None = None, backend: str = "auto") -> Tensor | tuple[Tensor, Tensor]:
     """Mamba2's SSD scan of this rank's slice, equal to its slice of `ssd_scan` on the full sequence.
 
     x: [B, Lr, H, P]; dt: [B, Lr, H] (after softplus); A: [H]; B, C: [B, Lr, G, N]; D: [H]; seq_start: bool
     [B, Lr] (True where a document starts) or a DocIndex of the slice -> y [B, Lr, H, P] in x's dtype (and, with
     return_final_state, the true state after this rank's last token [B, H, P, N], in the compute dtype).
+    initial_state [B, H, P, N]: the state before rank 0's first token (a sharded cache continuing, the same on
+    every rank; inference only), zero when None.
 
     1. Scan the slice from a zero state (`ssd_scan`, return_final_state): y0, s_r [B, H, P, N].
     2. All-gather (one small message, differentiable) every rank's s_j and its carry factor c_j [B, H]:
        exp(sum of dt*A over the slice), or 0 where a document starts in the slice (the state is dropped there).
-    3. The state entering rank r, in order: h = 0; for j < r: h = c_j * h + s_j.
+    3. The state entering rank r, in order: h = initial_state (or 0); for j < r: h = c_j * h + s_j.
     4. Correct the outputs (no second scan): y_t = y0_t + (C_t · h) * exp(sum_{s <= t} dt_s*A) for tokens t
        before the slice's first document start, which the zero-state scan left out.
     """
@@ -251,16 +271,16 @@ def context_parallel_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
         reach = reach * open_.unsqueeze(-1)
         carry = carry * (~starts.bool().any(dim=1)).unsqueeze(-1)
     rank, size = _rank_size(group)
-    if size == 1:
+    if size == 1 and initial_state is None:
         return (y0, s) if return_final_state else y0
     gathered = all_gather_autograd(torch.cat([s.flatten(1), carry], dim=1), group)  # [P, B, H*P*N + H]
     states = gathered[..., :h * p * n].view(size, b, h, p, n)
     carries = gathered[..., h * p * n:]
-    state_in = states.new_zeros(b, h, p, n)
+    state_in = states.new_zeros(b, h, p, n) if initial_state is None else initial_state.to(ct)
     for j in range(rank):
         state_in = carries[j][..., None, None] * state_in + states[j]
     y = y0
-    if rank > 0:
+    if rank > 0 or initial_state is not None:
         into = torch.einsum("blgn,bgkpn->blgkp", C.to(ct), state_in.view(b, g, h // g, p, n)).reshape(b, l, h, p)
         y = (y0.to(ct) + into * reach.unsqueeze(-1)).to(x.dtype)
     # rank 0 reads nothing gathered: its outputs still carry the gather, whose backward is collective
