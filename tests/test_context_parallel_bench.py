@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from benchmarks import context_parallel
+from ramba import HSAHybridConfig
 
 
 def test_context_parallel_benchmark_runs_and_reports(tmp_path):
@@ -26,3 +27,20 @@ def test_context_parallel_benchmark_with_packed_documents(tmp_path):
     assert "documents of about 40 tokens" in text
     rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| tiny mamba2")]
     assert len(rows) == 1 and int(rows[0][7].replace(",", "")) > 0
+
+
+def test_context_parallel_benchmark_prefill_and_decode(tmp_path):
+    out = tmp_path / "cp.md"
+    context_parallel.main(["--task", "prefill", "--ranks", "1,2", "--mixers", "swa", "--lengths", "1024",
+                           "--segment", "256", "--decode-steps", "3", "--out", str(out)])
+    text = out.read_text()
+    assert "segments of 256 tokens, 3 decoded tokens" in text
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| tiny swa")]
+    assert [int(r[2]) for r in rows] == [1, 2]
+    one, two = rows
+    assert all(float(r[3]) > 0 and float(r[6]) > 0 for r in rows)  # prefill s, decode ms/token
+    assert int(one[8].replace(",", "")) == 0
+    # two ranks (2 rounds of 256 tokens a rank): at least the other rank's memory keys and values, gathered in
+    # each round (float32), over the prompt's tokens
+    config = HSAHybridConfig.preset("tiny")
+    assert int(two[8].replace(",", "")) >= 2 * config.num_kv_heads * config.head_dim * 4 // 2

@@ -78,9 +78,15 @@ def check_rounds(rank: int, size: int, mixer: str | list[str], seed: int) -> Non
         held += list(range(length // chunk, (length + DECODE) // chunk))
     assert cache.store.ids.tolist() == held and cache.store.total == (length + DECODE) // chunk, what
 
+    # prefill_sharded (an all-SWA upper stack: run at the end only), then decoding from it
+    again = model.new_cache(2, offload=offload)
     with torch.no_grad():
-        last = prefill_sharded(model, prompt, model.new_cache(2, offload=offload), segment)
-    torch.testing.assert_close(last, want.logits[:, length - 1], **close)
+        logits = prefill_sharded(model, prompt, again, segment)
+        torch.testing.assert_close(logits, want.logits[:, length - 1], **close)
+        with context_parallel():
+            for t in range(5):
+                logits = model(tokens[:, t:t + 1], cache=again).logits[:, 0]
+                torch.testing.assert_close(logits, want.logits[:, length + t], **close)
 
 
 def check_bad_input(rank: int, size: int) -> None:

@@ -21,37 +21,29 @@ def aggregate_reference(
     q [B, L, HQ, D]; k, v [B, C*S, H, D]; indices, weights [B, L, H, K] -> o [B, L, HQ, D] in q's dtype.
     Slots with index -1 (or any index outside [0, C)) contribute nothing, and memory a token does not select
     never reaches its output or gradients, whatever it holds. Computed in float32 (float64 inputs stay float64).
-    Memory is O(B * L * H * K * S * D): this is the ground truth, not the fast path.
+    Memory is O(selected slots * S * D): this is the ground truth, not the fast path.
     """
     B, L, HQ, D = q.shape
-    H, K, S = k.shape[2], indices.shape[-1], chunk_size
+    H, S = k.shape[2], chunk_size
     G = HQ // H
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    if k.shape[1] == 0:  # no chunk at all: a zero chunk keeps the gather valid; every slot is empty anyway
-        k = k.new_zeros(B, S, H, D)
-        v = v.new_zeros(B, S, H, D)
     C = k.shape[1] // S
-    valid = (indices >= 0) & (indices < C)
-    # flat row of (b, h, c) in a [B*H*C, S, D] view of the chunks
-    b_idx = torch.arange(B, device=q.device)[:, None, None, None]
-    h_idx = torch.arange(H, device=q.device)[None, None, :, None]
-    rows = (b_idx * H + h_idx) * C + torch.where(valid, indices, 0)
-    # kc, vc: [B, L, H, K, S, D]; an empty slot reads zeros, never chunk 0 (which may hold anything)
-    empty = ~valid[..., None, None]
-    kc = k.to(dtype).view(B, C, S, H, D).permute(0, 3, 1, 2, 4).reshape(B * H * C, S, D)[rows].masked_fill(empty, 0)
-    vc = v.to(dtype).view(B, C, S, H, D).permute(0, 3, 1, 2, 4).reshape(B * H * C, S, D)[rows].masked_fill(empty, 0)
-    qg = q.to(dtype).view(B, L, H, G, D)
-    logits = torch.einsum("blhgd,blhksd->blhgks", qg, kc) * scale
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    # one row per selected (token, kv head, slot): empty slots cost nothing, and a chunk no token selects is
+    # never read
+    b, t, h, slot = ((indices >= 0) & (indices < C)).nonzero(as_tuple=True)
+    c = indices[b, t, h, slot]
+    kc = k.to(dtype).view(B, C, S, H, D)[b, c, :, h]                           # [n, S, D]
+    vc = v.to(dtype).view(B, C, S, H, D)[b, c, :, h]
+    qg = q.to(dtype).view(B, L, H, G, D)[b, t, h]                              # [n, G, D]
+    logits = qg @ kc.transpose(-1, -2) * scale                                 # [n, G, S]
     if softmax_off_by_one:
         # exp(x_j) / (1 + sum exp(x)): a zero logit joins the softmax and is dropped
-        logits = F.pad(logits, (0, 1))
-        probs = torch.softmax(logits, dim=-1)[..., :-1]
+        probs = torch.softmax(F.pad(logits, (0, 1)), dim=-1)[..., :-1]
     else:
         probs = torch.softmax(logits, dim=-1)
-    per_slot = torch.einsum("blhgks,blhksd->blhgkd", probs, vc)
-    w = torch.where(valid, weights.to(dtype), torch.zeros((), dtype=dtype, device=q.device))
-    out = torch.einsum("blhgkd,blhk->blhgd", per_slot, w)
-    return out.reshape(B, L, HQ, D).to(q.dtype)
+    per_slot = probs @ vc * weights.to(dtype)[b, t, h, slot][:, None, None]    # [n, G, D]
+    out = q.new_zeros(B * L * H, G, D, dtype=dtype).index_add(0, (b * L + t) * H + h, per_slot)
+    return out.view(B, L, HQ, D).to(q.dtype)
 
 
 def aggregate_dense(

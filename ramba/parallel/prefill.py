@@ -17,7 +17,9 @@ Per token of the prompt and HSA layer a rank receives, in the round's dtype (P-1
 (Hr x dr values), K x Hr (score, index) pairs (16 bytes each), the query (HQ x D), the selected chunks and
 weights (K x H x 16 bytes), the partial output (HQ x D); and the round's chunk memory (2 x H x D values a
 token, plus the landmarks) as in training. Peak memory per rank is then that of one piece's forward plus 1/P
-of the chunk memory.
+of the chunk memory. When every upper block is SWA, the upper stack's receptive field R is finite and the rounds
+skip it: only the prompt's last R + 1 positions go through it at the end, on every rank (exact, as the
+one-process cache's shortcut).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ramba.ops import hsa_aggregate, hsa_retrieve
 from ..documents import DocLayout
 from ..memory import ChunkMemory
 from .context import TRAFFIC, _bytes, _peer, all_gather_autograd
-from .group import ContextParallel, context_parallel
+from .group import ContextParallel, context_parallel, paused
 from .model import gather_memory
 from .store import ShardedStore, merge_topk
 
@@ -112,11 +114,13 @@ def share_states(cache: HSACache, cp: ContextParallel) -> None:
                 setattr(state, name, value)
 
 
-def prefill_round(model: HSAHybrid, piece: torch.Tensor, cache: HSACache, start: int,
-                  cp: ContextParallel) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+def prefill_round(model: HSAHybrid, piece: torch.Tensor, cache: HSACache, start: int, cp: ContextParallel,
+                  upper: bool = True) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """One round: this rank's piece [B, G] of the prompt, global positions start + r*G .. start + (r+1)*G - 1
     (G equal on every rank, a multiple of chunk_size, at least window - 1 and d_conv - 1), continuing `cache`.
-    Returns the final hidden states [B, G, d] and the retrievals of the piece."""
+    Returns the final hidden states [B, G, d] and the retrievals of the piece; with upper=False (an all-SWA upper
+    stack, rebuilt afterwards by `finish_upper`) the upper stack is skipped: the lower stack's outputs and no
+    retrievals."""
     cache.check(model, piece, None, model.embed.weight)
     B, G = piece.shape
     S = model.config.chunk_size
@@ -125,20 +129,48 @@ def prefill_round(model: HSAHybrid, piece: torch.Tensor, cache: HSACache, start:
     x = model.embed(piece.long())
     for i, block in enumerate(model.lower):
         x = block(x, None, cache.states[i], positions)
-    memory = None
+    local = None
     if model.encoder is not None:
         if not isinstance(cache.store, ShardedStore):
             cache.store = ShardedStore(cache.config, B, cache.device, cache.dtype, cache.offload, cp)
         local = model.encoder(model.memory_norm(x))
-        memory = RoundMemory(cache.store, gather_memory(local, cp), start // S, cp)
-    x, retrieval = model._run_upper(x, memory, DocLayout(B, G), None, cache.states[n_lower:], positions, None)
-    if memory is not None:
+    retrieval = []
+    if upper:
+        memory = None if local is None else RoundMemory(cache.store, gather_memory(local, cp), start // S, cp)
+        x, retrieval = model._run_upper(x, memory, DocLayout(B, G), None, cache.states[n_lower:], positions, None)
+    if local is not None:
         cache.store.own(local, start // S + cp.rank * (G // S))
         cache.store.grow(cp.size * (G // S))
     share_states(cache, cp)
     cache.lengths += G * cp.size
     cache.context_parallel = cp
     return x, retrieval
+
+
+def last_positions(x: torch.Tensor, tail: torch.Tensor | None, keep: int, cp: ContextParallel) -> torch.Tensor:
+    """The last `keep` positions [B, keep', d] of the sequence so far: `tail` (those before this round), then
+    every rank's x [B, G, d] of this round in rank order (an all-gather of each rank's last min(keep, G))."""
+    recent = _gather_rows(x[:, max(0, x.shape[1] - keep):], cp)
+    joined = recent if tail is None else torch.cat([tail, recent], dim=1)
+    return joined[:, max(0, joined.shape[1] - keep):]
+
+
+def finish_upper(model: HSAHybrid, cache: HSACache, context: torch.Tensor, length: int) -> torch.Tensor:
+    """An all-SWA upper stack skipped in the rounds, run as the one-process cache runs it (`_forward_cached`): on
+    the lower-stack outputs `context` [B, n, d] of the prompt's last n <= R + 1 positions (R its receptive field,
+    the same on every rank), from fresh states, reading the sharded memory collectively. Sets the cache's upper
+    states and kept context; returns the final hidden state [B, d] of the prompt's last position."""
+    B, n, _ = context.shape
+    R = model.upper_receptive_field
+    positions = (length - n + torch.arange(n, device=context.device)).expand(B, n)
+    valid = torch.ones(B, n, dtype=torch.bool, device=context.device)
+    fresh = model.allocate_inference_cache(B, cache.device, cache.dtype, upper_only=True)
+    with paused():  # every rank holds the same positions: the store's collective decoding form
+        x, _ = model._run_upper(context, cache.store, DocLayout(B, n), None, fresh, positions, valid)
+    cache.states[model.config.n_lower_layers:] = fresh
+    cache.context = tuple(t[:, max(0, n - R):] for t in (context, valid, positions))
+    cache.upper_stale = False
+    return x[:, -1]
 
 
 def rounds(length: int, size: int, segment: int, least: int) -> list[tuple[int, int]]:
@@ -189,9 +221,16 @@ def prefill_sharded(model: HSAHybrid, input_ids: torch.Tensor, cache: HSACache, 
         if L // cp.size < least:
             raise ValueError(f"a prompt of {L} tokens gives each of {cp.size} ranks fewer than {least} tokens (the "
                              "sliding window's and the conv's reach): use fewer ranks")
+        upper = not model.upper_all_swa  # else only the prompt's last R + 1 positions need the upper stack
+        tail = None
         for start, piece in rounds(L, cp.size, segment_length, least):
             begin = start + cp.rank * piece
-            x, _ = prefill_round(model, input_ids[:, begin:begin + piece].to(cache.device), cache, start, cp)
-        logits = model.lm_head(model.norm(x[:, -1:]))[:, 0].contiguous()
-        dist.broadcast(logits, _peer(cp.group, cp.size - 1), group=cp.group)
-    return logits
+            x, _ = prefill_round(model, input_ids[:, begin:begin + piece].to(cache.device), cache, start, cp, upper)
+            if not upper:
+                tail = last_positions(x, tail, model.upper_receptive_field + 1, cp)
+        if upper:
+            last = x[:, -1].contiguous()
+            dist.broadcast(last, _peer(cp.group, cp.size - 1), group=cp.group)
+        else:
+            last = finish_upper(model, cache, tail, L)
+    return model.lm_head(model.norm(last))
