@@ -36,6 +36,7 @@ import torch.multiprocessing as mp
 
 from benchmarks.common import command_line, parse_length
 from ramba import HSAHybrid, HSAHybridConfig
+from ramba.generation import greedy_steps
 from ramba.parallel import context_parallel, loss_and_gradients, prefill_sharded, reset_traffic, traffic
 
 
@@ -123,10 +124,10 @@ def prefill(model: HSAHybrid, ids: torch.Tensor, rank: int, size: int, args: arg
         prefill_s = sync(device) - start
         times = []
         with context_parallel() if size > 1 else contextlib.nullcontext():
+            tokens = greedy_steps(model, cache, logits.argmax(-1, keepdim=True))
             for _ in range(steps):
-                token = logits.argmax(-1, keepdim=True)
                 start = sync(device)
-                logits = model(token, cache=cache).logits[:, -1]
+                next(tokens)
                 times.append(sync(device) - start)
         return prefill_s, times
 

@@ -21,16 +21,14 @@ from torch import Tensor
 
 from ramba.ops.aggregate import aggregate_decode
 from ramba.ops.retrieve import retrieve_decode
-from ramba.ops.ssd import causal_conv1d_step, gated_rms_norm_ref, ssd_step
-from ramba.ops.swa import swa_decode
 
 from .cache import MAX_POSITION, HSACache
 from .documents import DocLayout
 from .layers.blocks import HSABlock
 from .layers.hsa import HSA, retrieval_weights
-from .layers.mamba2 import Mamba2, Mamba2State
+from .layers.mamba2 import Mamba2State
 from .layers.rope import apply_rope, rope_angles
-from .layers.swa import SlidingWindowAttention, SWAState
+from .layers.swa import SWARing, SWAState
 from .memory import ChunkMemory
 from .parallel.group import active
 
@@ -57,57 +55,6 @@ def unsupported(model: torch.nn.Module, cache: object) -> str | None:
         return (f"the cache was made for a model in {cache.dtype} on {cache.device}, but the model is now in "
                 f"{weight.dtype} on {weight.device}: make a new cache with model.new_cache(batch_size)")
     return None
-
-
-class SWARing:
-    """An SWA block's keys (after RoPE) and values of the last W positions, k, v [B, W, H, D], as a ring that
-    every step writes at the same slot of every row; valid bool [B, W] (False: empty or padding)."""
-
-    def __init__(self, state: SWAState, window: int):
-        """From a cache's state of the last n <= W-1 positions: they fill the ring's last n slots, slot 0 is
-        free (the first step writes there)."""
-        B, n, H, D = state.k.shape
-        self.k = state.k.new_zeros(B, window, H, D)
-        self.v = state.v.new_zeros(B, window, H, D)
-        self.valid = torch.zeros(B, window, dtype=torch.bool, device=state.k.device)
-        self.k[:, window - n:], self.v[:, window - n:] = state.k, state.v
-        self.valid[:, window - n:] = True if state.valid is None else state.valid
-
-
-def swa_step(mixer: SlidingWindowAttention, x: Tensor, ring: SWARing, positions: Tensor, slot: Tensor) -> Tensor:
-    """x [B, d] (normalised) at positions [B] -> [B, d]; writes the token's key and value at ring slot `slot`
-    [1] (the oldest, out of the window now), then attends over the ring."""
-    B = x.shape[0]
-    q = mixer.q_proj(x).view(B, 1, mixer.num_heads, mixer.head_dim)
-    k = mixer.k_proj(x).view(B, 1, mixer.num_kv_heads, mixer.head_dim)
-    v = mixer.v_proj(x).view(B, 1, mixer.num_kv_heads, mixer.head_dim)
-    cos, sin = rope_angles(positions[:, None], mixer.head_dim, mixer.config.rope_theta)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    ring.k.index_copy_(1, slot, k.to(ring.k.dtype))
-    ring.v.index_copy_(1, slot, v.to(ring.v.dtype))
-    ring.valid.index_fill_(1, slot, True)
-    out = swa_decode(q[:, 0], ring.k, ring.v, ring.valid)
-    return mixer.o_proj(out.reshape(B, mixer.num_heads * mixer.head_dim))
-
-
-def mamba2_step(mixer: Mamba2, x: Tensor, state: Mamba2State, positions: Tensor) -> Tensor:
-    """x [B, d] (normalised) at positions [B] -> [B, d]: the layer's one-token recurrence (restarts of
-    mamba_reset / mamba_reset_upper at the block's phase, mamba_horizon), updating `state` in place."""
-    B = x.shape[0]
-    z, xbc, dt = torch.split(mixer.in_proj(x), [mixer.d_inner, mixer.conv1d.in_channels, mixer.nheads], dim=-1)
-    if mixer.reset:
-        state.ssm.masked_fill_(mixer.restarts_at(positions)[:, None, None, None], 0.0)
-    conv, history = causal_conv1d_step(xbc, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, state.conv)
-    state.conv.copy_(history)
-    n = mixer.ngroups * mixer.d_state
-    xs, Bm, Cm = torch.split(F.silu(conv), [mixer.d_inner, n, n], dim=-1)
-    xs = xs.view(B, mixer.nheads, mixer.headdim)
-    xin, dt, A, D = mixer._scan_inputs(xs, dt, state.ssm.dtype)
-    y, ssm = ssd_step(xin, dt, A, Bm.view(B, mixer.ngroups, -1), Cm.view(B, mixer.ngroups, -1), D, state.ssm)
-    state.ssm.copy_(ssm)
-    y = mixer._skip(y, xs).reshape(B, mixer.d_inner)
-    norm = mixer.norm
-    return mixer.out_proj(gated_rms_norm_ref(y, z, norm.weight, norm.group_size, norm.eps))
 
 
 class StaticDecoder:
@@ -225,9 +172,9 @@ class StaticDecoder:
         """A Block or HSABlock on x [B, d], as their forward does."""
         h = block.mixer_norm(x)
         if isinstance(state, SWARing):
-            x = x + swa_step(block.mixer, h, state, self.positions, self._slot)
+            x = x + block.mixer.step(h, state, self.positions, self._slot)
         else:
-            x = x + mamba2_step(block.mixer, h, state, self.positions)
+            x = x + block.mixer.step(h, state, self.positions)
         if isinstance(block, HSABlock):
             mixed = x + self._hsa(block.hsa, block.hsa_norm(x))
             return (x if block.bypass else mixed) + block.mlp(block.mlp_norm(mixed))

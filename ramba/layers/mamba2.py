@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ramba.config import HSAHybridConfig
 from ramba.ops import DocIndex, causal_conv1d, gated_rms_norm, ssd_scan
+from ramba.ops.ssd import causal_conv1d_step, gated_rms_norm_ref, ssd_step
 from ramba.ops.utils import as_doc_index
 from ramba.parallel.context import context_parallel_conv1d, context_parallel_scan
 from ramba.parallel.group import active
@@ -205,3 +206,22 @@ class Mamba2(nn.Module):
         y, state.ssm = ssd_scan(xin, dt, A, B, C, self.chunk_size, D, seq_start, initial_state=state.ssm,
                                 return_final_state=True, backend=self.backend)
         return self.out_proj(self.norm(self._skip(y, xs).reshape(b, l, self.d_inner), z))
+
+    def step(self, x: Tensor, state: Mamba2State, positions: Tensor) -> Tensor:
+        """One token per row in fixed shapes (ramba.decoding): x [B, d_model] at positions [B] -> [B, d_model],
+        the one-token recurrence (restarts of mamba_reset / mamba_reset_upper at the block's phase,
+        mamba_horizon), updating `state` in place."""
+        B = x.shape[0]
+        z, xbc, dt = torch.split(self.in_proj(x), [self.d_inner, self.conv1d.in_channels, self.nheads], dim=-1)
+        if self.reset:
+            state.ssm.masked_fill_(self.restarts_at(positions)[:, None, None, None], 0.0)
+        conv, history = causal_conv1d_step(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, state.conv)
+        state.conv.copy_(history)
+        n = self.ngroups * self.d_state
+        xs, Bm, Cm = torch.split(F.silu(conv), [self.d_inner, n, n], dim=-1)
+        xs = xs.view(B, self.nheads, self.headdim)
+        xin, dt, A, D = self._scan_inputs(xs, dt, state.ssm.dtype)
+        y, ssm = ssd_step(xin, dt, A, Bm.view(B, self.ngroups, -1), Cm.view(B, self.ngroups, -1), D, state.ssm)
+        state.ssm.copy_(ssm)
+        y = self._skip(y, xs).reshape(B, self.d_inner)
+        return self.out_proj(gated_rms_norm_ref(y, z, self.norm.weight, self.norm.group_size, self.norm.eps))

@@ -10,6 +10,7 @@ from torch import nn
 from ramba.config import HSAHybridConfig
 from ramba.layers.rope import apply_rope, rope_angles
 from ramba.ops import DocIndex, sliding_window_attention
+from ramba.ops.swa import swa_decode
 from ramba.parallel.context import context_parallel_swa
 from ramba.parallel.group import active
 
@@ -22,6 +23,22 @@ class SWAState:
     k: torch.Tensor
     v: torch.Tensor
     valid: torch.Tensor | None = None
+
+
+class SWARing:
+    """The keys (after RoPE) and values of the last W positions, k, v [B, W, H, D], as a ring that every
+    one-token step writes at the same slot of every row; valid bool [B, W] (False: empty or padding). The
+    fixed-shape state of `SlidingWindowAttention.step` (ramba.decoding)."""
+
+    def __init__(self, state: SWAState, window: int):
+        """From a cache's state of the last n <= W-1 positions: they fill the ring's last n slots, slot 0 is
+        free (the first step writes there)."""
+        B, n, H, D = state.k.shape
+        self.k = state.k.new_zeros(B, window, H, D)
+        self.v = state.v.new_zeros(B, window, H, D)
+        self.valid = torch.zeros(B, window, dtype=torch.bool, device=state.k.device)
+        self.k[:, window - n:], self.v[:, window - n:] = state.k, state.v
+        self.valid[:, window - n:] = True if state.valid is None else state.valid
 
 
 class SlidingWindowAttention(nn.Module):
@@ -84,3 +101,19 @@ class SlidingWindowAttention(nn.Module):
             state.k, state.v = keys[:, start:], values[:, start:]
             state.valid = None if key_valid is None else key_valid[:, start:]
         return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
+
+    def step(self, x: torch.Tensor, ring: SWARing, positions: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """One token per row in fixed shapes (ramba.decoding): x [B, d_model] at positions [B] -> [B, d_model];
+        writes the token's key and value at ring slot `slot` [1] (the oldest, out of the window now), then
+        attends over the ring."""
+        B = x.shape[0]
+        q = self.q_proj(x).view(B, 1, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, 1, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, 1, self.num_kv_heads, self.head_dim)
+        cos, sin = rope_angles(positions[:, None], self.head_dim, self.config.rope_theta)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        ring.k.index_copy_(1, slot, k.to(ring.k.dtype))
+        ring.v.index_copy_(1, slot, v.to(ring.v.dtype))
+        ring.valid.index_fill_(1, slot, True)
+        out = swa_decode(q[:, 0], ring.k, ring.v, ring.valid)
+        return self.o_proj(out.reshape(B, self.num_heads * self.head_dim))
