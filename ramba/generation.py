@@ -85,7 +85,7 @@ def generate(
     generator: torch.Generator | None = None,
     progress: bool | None = None,
     return_retrieval: bool = False,
-    static_decode: bool | None = False,
+    static_decode: bool | None = None,
 ) -> torch.Tensor | GenerateOutput:
     """Continue every row of input_ids [B, L] by up to max_new_tokens tokens -> [B, L + T] on input_ids' device.
 
@@ -97,10 +97,9 @@ def generate(
     return_retrieval: return a GenerateOutput that also holds, for every generated token, the chunks each HSA
     block read to predict it and their weights (an HSAHybrid only).
     static_decode: decode with a `ramba.decoding.StaticDecoder` (fixed-shape steps, captured in CUDA graphs on
-    a GPU) instead of one model call per token; None does so on CUDA whenever the cache allows it (an
-    HSAHybrid's cache, not offloaded, not sharded, without return_retrieval). True forces it (on CPU too,
-    eagerly) and raises ValueError where it cannot run; False (default, until the CUDA-graph capture has been
-    checked on a GPU) never uses it.
+    a GPU) instead of one model call per token; None (default) does so on CUDA whenever the cache allows it
+    (an HSAHybrid's cache, not offloaded, not sharded, without return_retrieval). True forces it (on CPU too,
+    eagerly) and raises ValueError where it cannot run; False never uses it.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, length] with length >= 1, got {tuple(input_ids.shape)}")

@@ -10,7 +10,7 @@
 # From the repository root (STEPS1, STEPS2, LENGTHS and DEVICE shrink it for a CPU dry run):
 #   RUN=m9 bash benchmarks/results/raw/generalization/mamba2_2026-12-06/m9.sh
 # Outputs: $OUT/$RUN.tar.gz, $OUT/model-*.safetensors (bf16: every first stage, and the second stage).
-# STAGE2=0 runs the first stage only.
+# STAGE2=0 runs the first stage only; STAGE1=0 then runs the second from it (on the same, still warm machine).
 set -u
 run="${RUN:-m9}"; out="${OUT:-out}"; runs=runs/$run; mkdir -p "$runs" "$out"
 [ -n "${DEVICE:-}" ] || source benchmarks/device_setup.sh
@@ -23,12 +23,14 @@ stage() {  # name variant steps lr min-lr-ratio W lengths [init]
     timeout "${LIMIT:-86400}" python3 -m benchmarks.ablations --variants "$2" --steps "$3" --lr "$4" --min-lr-ratio "$5" --retrieval-loss "$6" \
         --lengths "$7" "${init[@]}" "${common[@]}" --out "$runs/$1" > "$runs/$1.log" 2>&1
 }
-stage reset-w0 mamba2-reset "${STEPS1:-1800}" 1e-3 1 0 4k &
-stage reset-w0.1 mamba2-reset "${STEPS1:-1800}" 1e-3 1 0.1 4k &
-stage reset-w1 mamba2-reset "${STEPS1:-1800}" 1e-3 1 1 4k &
-stage stagger-w1 mamba2-reset-all-stagger "${STEPS1:-1800}" 1e-3 1 1 4k &
-wait
-echo "first stage: $((SECONDS - start)) s"
+if [ "${STAGE1:-1}" = 1 ]; then  # STAGE1=0: the first stage ran in an earlier call on this machine (runs/$RUN kept)
+    stage reset-w0 mamba2-reset "${STEPS1:-1800}" 1e-3 1 0 4k &
+    stage reset-w0.1 mamba2-reset "${STEPS1:-1800}" 1e-3 1 0.1 4k &
+    stage reset-w1 mamba2-reset "${STEPS1:-1800}" 1e-3 1 1 4k &
+    stage stagger-w1 mamba2-reset-all-stagger "${STEPS1:-1800}" 1e-3 1 1 4k &
+    wait
+    echo "first stage: $((SECONDS - start)) s"
+fi
 best=$(for name in reset-w0 reset-w0.1 reset-w1; do
     tail -1 "$runs/$name/mamba2-reset.md" | awk -F'|' -v n="$name" '$6 + 0 >= 0.9 {print $7 + 0, n}'
 done | sort -rn | head -1 | cut -d' ' -f2)
