@@ -68,6 +68,9 @@ class TrainSection:
     # or write the checkpoint as a model with recipes/export.py
     output_dir: str = "runs/pretrain"
     tensorboard: bool = False  # also log to TensorBoard (metrics.jsonl is always written)
+    # weight of the auxiliary retrieval loss (data.source tasks): minus the log of the retrieval weight on the
+    # chunks that hold the asked fact, at the positions that predict the answer (ramba.training.retrieval)
+    retrieval_loss: float = 0.0
 
 
 @dataclass
@@ -108,6 +111,14 @@ class RunConfig:
         if t.context_parallel > 1 and t.gradient_checkpointing:
             raise RunConfigError("train.gradient_checkpointing is not supported with train.context_parallel > 1 "
                                  "(the slices already cut activation memory): turn one of them off")
+        if t.retrieval_loss < 0:
+            raise RunConfigError(f"train.retrieval_loss must be >= 0, got {t.retrieval_loss}")
+        if t.retrieval_loss and d.source != "tasks":
+            raise RunConfigError("train.retrieval_loss needs examples whose answer-holding facts are known: set "
+                                 f"data.source=tasks (got {d.source!r}) or train.retrieval_loss=0")
+        if t.retrieval_loss and t.context_parallel > 1:
+            raise RunConfigError("train.retrieval_loss is not supported with train.context_parallel > 1: turn one "
+                                 "of them off")
         if d.loss not in ("answer", "all"):
             raise RunConfigError(f"data.loss must be answer or all, got {d.loss!r}")
         empty = [k for k, v in {"model.preset": self.model.preset, "data.source": d.source, "data.tasks": d.tasks,

@@ -19,7 +19,9 @@ from ..data.synthetic import synthetic_examples
 from ..data.tasks import TASKS, TaskError
 from ..tokenizer import Tokenizer
 from .config import DataSection
+from .retrieval import asked_spans
 
+MAX_FACTS = 16  # answer-holding facts an example keeps (task_examples' fact_spans)
 FILE_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -84,8 +86,9 @@ def task_examples(data: DataSection, tokenizer: Tokenizer, seed: int) -> Iterato
     followed by its answer and eos, right-padded to seq_len. Only the answer and eos carry labels, or with
     data.loss == "all" every token but the padding.
 
-    Yields input_ids, labels [seq_len], answer_mask (bool [seq_len], the answer tokens) and task (a 0-d long:
-    the task's first position in data.tasks)."""
+    Yields input_ids, labels [seq_len], answer_mask (bool [seq_len], the answer tokens), task (a 0-d long:
+    the task's first position in data.tasks) and fact_spans [MAX_FACTS, 2] (the token spans [start, end) of
+    the inserted facts that hold the answer, rows of -1 after them: ramba.training.retrieval)."""
     unknown = [t for t in data.tasks if t not in TASKS]
     if unknown or not data.tasks:
         raise ValueError(f"data.tasks: unknown {unknown or 'empty list'}; known tasks: {', '.join(TASKS)}")
@@ -114,8 +117,14 @@ def task_examples(data: DataSection, tokenizer: Tokenizer, seed: int) -> Iterato
         labels[first:length + len(answer)] = ids[first:length + len(answer)]
         answer_mask = torch.zeros(data.seq_len, dtype=torch.bool)
         answer_mask[length:length + len(answer) - 1] = True
+        spans = asked_spans(sample, tokenizer)
+        if len(spans) > MAX_FACTS:
+            raise ValueError(f"task {task} inserted {len(spans)} facts that hold its answer, more than the {MAX_FACTS} "
+                             "an example keeps for the retrieval loss")
+        fact_spans = torch.full((MAX_FACTS, 2), -1, dtype=torch.long)
+        fact_spans[:len(spans)] = torch.tensor(spans, dtype=torch.long).view(-1, 2)
         yield {"input_ids": ids, "labels": labels, "answer_mask": answer_mask,
-               "task": torch.tensor(data.tasks.index(task))}
+               "task": torch.tensor(data.tasks.index(task)), "fact_spans": fact_spans}
 
 
 def sequences(data: DataSection, tokenizer: Tokenizer, seed: int) -> Iterator[dict[str, torch.Tensor]]:

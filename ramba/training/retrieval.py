@@ -17,16 +17,30 @@ from ..tokenizer import Tokenizer
 FLOOR = 1e-6  # the weight at which a position's loss stops growing (the fact's chunk not selected at all)
 
 
-def asked_chunks(sample: Sample, tokenizer: Tokenizer, chunk_size: int) -> list[int]:
-    """The chunks (of chunk_size tokens, from the prompt's start) that hold part of an inserted fact whose text
-    holds one of the sample's references: the needle that answers, not the distractors."""
+def asked_spans(sample: Sample, tokenizer: Tokenizer) -> list[tuple[int, int]]:
+    """The token spans [start, end) of the inserted facts whose text holds one of the sample's references: the
+    needles that answer, not the distractors."""
     ids = sample.prompt_ids.tolist()
-    chunks: set[int] = set()
-    for start, end in zip(sample.insert_offsets, sample.insert_ends):
-        text = tokenizer.decode(ids[start:end])
-        if end > start and any(ref in text for ref in sample.references):
-            chunks.update(range(start // chunk_size, (end - 1) // chunk_size + 1))
-    return sorted(chunks)
+    return [(start, end) for start, end in zip(sample.insert_offsets, sample.insert_ends)
+            if end > start and any(ref in tokenizer.decode(ids[start:end]) for ref in sample.references)]
+
+
+def asked_chunks(sample: Sample, tokenizer: Tokenizer, chunk_size: int) -> list[int]:
+    """The chunks (of chunk_size tokens, from the prompt's start) that hold part of an asked fact."""
+    return sorted({c for start, end in asked_spans(sample, tokenizer)
+                   for c in range(start // chunk_size, (end - 1) // chunk_size + 1)})
+
+
+def span_targets(spans: torch.Tensor, predicting: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """The chunks each position should read: spans [B, F, 2] long (the asked facts' [start, end) token spans of
+    each row, -1 for none), predicting bool [B, L] (the positions that predict an answer token) -> bool
+    [B, L, C], C = ceil(L / chunk_size): True at predicting positions for every chunk that overlaps a span."""
+    B, L = predicting.shape
+    C = -(-L // chunk_size)
+    starts = (torch.arange(C, device=spans.device) * chunk_size)[None, None]      # [1, 1, C]
+    begin, end = spans[..., :1], spans[..., 1:]                                   # [B, F, 1]
+    overlaps = ((begin >= 0) & (begin < starts + chunk_size) & (end > starts)).any(1)  # [B, C]
+    return predicting[:, :, None] & overlaps[:, None, :]
 
 
 def retrieval_target_loss(indices: list[torch.Tensor], weights: list[torch.Tensor],

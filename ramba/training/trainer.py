@@ -23,6 +23,7 @@ from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, read_
 from .config import RunConfig
 from .resume import check_resume, check_rng, check_shapes, claim_run_dir
 from .data import batches, sequences
+from .retrieval import retrieval_target_loss, span_targets
 from .optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger("ramba.train")
@@ -52,6 +53,13 @@ def retrieval_hits(retrieval: list[torch.Tensor], batch: dict[str, torch.Tensor]
     selected = indices[:, :-1]
     hit = ((selected >= first) & (selected <= last)).flatten(2).any(-1)  # [B, L - 1]
     return hit[predicting].float().mean()
+
+
+def fact_targets(batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+    """bool [B, L, C]: the chunks holding the asked facts (batch's fact_spans), at the positions that predict an
+    answer token (position t predicts token t + 1)."""
+    predicting = torch.nn.functional.pad(batch["answer_mask"][:, 1:], (0, 1))
+    return span_targets(batch["fact_spans"], predicting, chunk_size)
 
 
 def eval_batches(run: RunConfig, tokenizer, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -102,13 +110,16 @@ def evaluate(model: HSAHybrid, held_out: list[dict[str, torch.Tensor]], device: 
     """Mean loss over the held-out batches; with answers marked (builtin, tasks) the answer accuracy (all answer
     tokens right under greedy next-token prediction), and with rows marked by task (the tasks source; `tasks`
     names them) the answer accuracy of each task as eval_answer_accuracy_<task>; with needles marked (builtin)
-    the retrieval hit rate."""
+    the retrieval hit rate; with the asked facts marked (tasks) and a model with HSA blocks, the mean retrieval
+    weight on their chunks at the answer's positions (eval_retrieval_weight_on_facts)."""
     model.eval()
-    losses, correct, hits = [], [], []
+    losses, correct, hits, on_facts = [], [], [], []
     per_task: dict[int, list[float]] = {}
+    facts = getattr(model, "encoder", None) is not None  # a memory to weigh the asked facts' chunks in
     for batch in held_out:
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**model_inputs(batch), return_retrieval="needle_pos" in batch)
+        weigh = facts and "fact_spans" in batch
+        out = model(**model_inputs(batch), return_retrieval="needle_pos" in batch or weigh)
         losses.append(float(out.loss))
         if "answer_mask" in batch:
             predicted = out.logits[:, :-1].argmax(-1)
@@ -119,6 +130,9 @@ def evaluate(model: HSAHybrid, held_out: list[dict[str, torch.Tensor]], device: 
                 per_task.setdefault(task, []).append(ok)
         if "needle_pos" in batch:
             hits.append(retrieval_hits(out.retrieval, batch, model.config.chunk_size).item())
+        if weigh:
+            targets = fact_targets(batch, model.config.chunk_size)
+            on_facts.append(retrieval_target_loss(out.retrieval, out.retrieval_weights, targets)[1].item())
     model.train()
     result = {"eval_loss": sum(losses) / len(losses)}
     if correct:
@@ -127,6 +141,8 @@ def evaluate(model: HSAHybrid, held_out: list[dict[str, torch.Tensor]], device: 
         result[f"eval_answer_accuracy_{tasks[task] if task < len(tasks) else task}"] = sum(oks) / len(oks)
     if hits:
         result["eval_retrieval_hit"] = sum(hits) / len(hits)
+    if on_facts:
+        result["eval_retrieval_weight_on_facts"] = sum(on_facts) / len(on_facts)
     return result
 
 
@@ -231,18 +247,26 @@ def train(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -
     log.rewind(step)
     chunk_size = accelerator.unwrap_model(model).config.chunk_size
     stats = run.data.source == "builtin" and mesh.cp_size == 1  # hits need the whole row's retrievals
+    if t.retrieval_loss and accelerator.unwrap_model(model).encoder is None:
+        raise ValueError("train.retrieval_loss needs a model with HSA blocks (use_hsa): set train.retrieval_loss=0")
 
     bar = tqdm(total=t.steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
     last = time.perf_counter()
     while step < t.steps:
-        losses, hits, tokens = [], [], 0
+        losses, hits, weights, tokens = [], [], [], 0
         micro = [next(stream) for _ in range(t.grad_accum)]
         consumed += t.grad_accum * t.batch_size * mesh.dp_size
         for batch, share in zip(micro, loss_shares(micro, accelerator, mesh)):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model), mesh.context():
-                out = model(**slice_batch(batch, mesh), return_retrieval=stats)
-                accelerator.backward(out.loss * share)
+                out = model(**slice_batch(batch, mesh), return_retrieval=stats or bool(t.retrieval_loss))
+                loss = out.loss
+                if t.retrieval_loss:
+                    aux, on_facts = retrieval_target_loss(out.retrieval, out.retrieval_weights,
+                                                          fact_targets(batch, chunk_size))
+                    loss = loss + t.retrieval_loss * aux
+                    weights.append(on_facts.item())
+                accelerator.backward(loss * share)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), t.clip)
                 optimizer.step()
@@ -254,8 +278,8 @@ def train(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -
             if stats:
                 hits.append(retrieval_hits(out.retrieval, batch, chunk_size).item())
         step += 1
-        local = torch.tensor([sum(losses) / len(losses), tokens, sum(hits) / max(1, len(hits))],
-                             dtype=torch.float64, device=accelerator.device)
+        local = torch.tensor([sum(losses) / len(losses), tokens, sum(hits) / max(1, len(hits)),
+                              sum(weights) / max(1, len(weights))], dtype=torch.float64, device=accelerator.device)
         mean = accelerator.reduce(local, "mean").tolist()  # the whole global batch, not process 0's share
         now = time.perf_counter()
         metrics = {"loss": mean[0], "lr": scheduler.get_last_lr()[0],
@@ -263,6 +287,8 @@ def train(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -
         last = now
         if hits:
             metrics["retrieval_hit"] = mean[2]
+        if weights:
+            metrics["retrieval_weight_on_facts"] = mean[3]
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
         if step % t.log_every == 0 or step == t.steps:
