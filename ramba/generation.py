@@ -56,9 +56,6 @@ def greedy_steps(model: torch.nn.Module, cache, token: torch.Tensor) -> Iterator
         yield token
 
 
-SYNC_EVERY = 8  # decoded tokens between checks that every row has stopped: a check waits for the device
-
-
 @dataclass
 class GenerateOutput:
     """What `generate(..., return_retrieval=True)` returns.
@@ -153,31 +150,25 @@ def generate(
     if static and (not auto or unsupported(model, cache) is None):
         decoder = StaticDecoder(model, cache, max_new_tokens - 1)
 
-    tokens: list[torch.Tensor] = []
+    out = [input_ids]
     reads: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # per token: each block's chunks, weights
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    stopped: list[torch.Tensor] = []  # per step: whether every row had stopped (read every SYNC_EVERY steps)
     last = step_out.logits[:, -1]
     for step in range(max_new_tokens):
         token = sample_next(last, temperature, top_p, generator) if do_sample else last.argmax(-1)
         token = token.masked_fill(done, pad_token_id)
-        tokens.append(token)
+        out.append(token[:, None].to(input_ids.device))
         if return_retrieval:
             reads.append((step_out.retrieval, step_out.retrieval_weights))
         done |= torch.isin(token, stops)
-        stopped.append(done.all())
-        if step == max_new_tokens - 1 or ((step + 1) % SYNC_EVERY == 0 and bool(stopped[-1])):
+        if bool(done.all()) or step == max_new_tokens - 1:
             break
         if decoder is not None:
             last = decoder.step(token)
         else:
             step_out = model(token[:, None], cache=cache, **({"return_retrieval": True} if return_retrieval else {}))
             last = step_out.logits[:, -1]
-    if tokens:  # up to the step after which every row had stopped (the steps past it made only padding)
-        stopped = torch.stack(stopped)
-        kept = int(stopped.int().argmax()) + 1 if bool(stopped.any()) else len(tokens)
-        tokens, reads = tokens[:kept], reads[:kept]
-    sequences = torch.cat([input_ids, torch.stack(tokens, dim=1).to(input_ids.device)], dim=1) if tokens else input_ids
+    sequences = torch.cat(out, dim=1)
     if not return_retrieval:
         return sequences
     if not reads:  # max_new_tokens == 0: nothing generated, nothing read
