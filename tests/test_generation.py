@@ -87,3 +87,19 @@ def test_prefill_segments_cover_the_input_and_keep_padding_first(length, size, p
         assert all(b - a <= size for a, b in pieces[1:])
         first = size if attention_mask is None else max(size, max(pads) + 1)
         assert pieces[0][1] == min(first, length)
+
+
+def test_rows_that_stop_at_different_steps_get_padding_until_the_last_stops():
+    """Two rows stopping at different steps: each row's tokens up to its stop token are its free continuation,
+    padding follows, and the output ends with the last row's stop."""
+    torch.manual_seed(6)
+    model = HSAHybrid(small_config()).double().eval()
+    prompt = torch.randint(0, 50, (2, 40))
+    free = model.generate(prompt, 30)[:, 40:]
+    stops = {int(free[0, 2]), int(free[1, 19])}
+    first = [next(t for t in range(30) if int(free[row, t]) in stops) for row in range(2)]
+    got = model.generate(prompt, 30, stop_tokens=stops, pad_token_id=49)[:, 40:]
+    assert got.shape[1] == max(first) + 1
+    for row in range(2):
+        assert torch.equal(got[row, :first[row] + 1], free[row, :first[row] + 1])
+        assert bool((got[row, first[row] + 1:] == 49).all())
