@@ -20,10 +20,7 @@ from .config import HSAHybridConfig
 
 
 class Memory(Protocol):
-    """What HSA reads: the landmarks to score and the keys/values of the chunks it selects."""
-
-    def retrieval_landmarks(self) -> torch.Tensor:
-        """Landmarks [N, C, Hr, dr] of every chunk retrieval may score."""
+    """What HSA reads: which chunks to select (by their landmarks) and the keys/values of those chunks."""
 
     def retrieve(self, qr: torch.Tensor, topk: int, chunk_size: int, positions: torch.Tensor | None,
                  window: int | None, backend: str, gumbel: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,8 +33,9 @@ class Memory(Protocol):
 
 
 class LocalMemory:
-    """retrieve and aggregate of a memory held whole by this process (ChunkMemory, ChunkStore), which
-    `for_aggregate` gives as k, v [N, C'*S, H, D] with the indices renumbered into them."""
+    """retrieve and aggregate of a memory held whole by this process (ChunkMemory, ChunkStore): its
+    `retrieval_landmarks` [N, C, Hr, dr] are scored, and `for_aggregate` gives its k, v [N, C'*S, H, D] with the
+    indices renumbered into them."""
 
     def retrieve(self, qr: torch.Tensor, topk: int, chunk_size: int, positions: torch.Tensor | None,
                  window: int | None, backend: str, gumbel: float) -> tuple[torch.Tensor, torch.Tensor]:

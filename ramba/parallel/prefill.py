@@ -68,9 +68,6 @@ class RoundMemory:
     def __init__(self, store: ShardedStore, current: ChunkMemory, first: int, cp: ContextParallel):
         self.store, self.current, self.first, self.cp = store, current, first, cp
 
-    def retrieval_landmarks(self) -> torch.Tensor:
-        return self.current.landmarks
-
     def retrieve(self, qr: torch.Tensor, topk: int, chunk_size: int, positions: torch.Tensor | None,
                  window: int | None, backend: str, gumbel: float) -> tuple[torch.Tensor, torch.Tensor]:
         """qr [B, G, Hr, dr] at global positions [B, G] -> indices, scores [B, G, Hr, K] over all chunks."""
