@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .group import ContextParallel, paused
-from .model import require_chunk_slices
+from .model import fingerprint, require_chunk_slices
 from .prefill import prefill_round
 
 if TYPE_CHECKING:
@@ -46,9 +46,7 @@ def check_cache_inputs(cp: ContextParallel, cache: HSACache, chunk_size: int, in
     """Raise ValueError, on every rank, for a call with a cache that the sharded cache does not take."""
     started = cache.started
     sharded = cache.context_parallel is not None
-    ids = input_ids.long()
-    fingerprint = int((ids * torch.arange(1, ids.numel() + 1, device=ids.device).view_as(ids)).sum())
-    mine = torch.tensor([input_ids.shape[1], attention_mask, labels, started, sharded, fingerprint])
+    mine = torch.tensor([input_ids.shape[1], attention_mask, labels, started, sharded, fingerprint(input_ids)])
     parts = [torch.empty_like(mine) for _ in range(cp.size)]
     dist.all_gather(parts, mine, group=cp.group)
     everyone = [part.tolist() for part in parts]

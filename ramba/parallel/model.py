@@ -62,6 +62,13 @@ def require_chunk_slices(lengths: list[int], chunk_size: int, needs: str, whole:
                          f"tokens (chunk_size x ranks) and give rank r its r-th slice")
 
 
+def fingerprint(ids: torch.Tensor) -> int:
+    """A number that differs between token tensors with different ids or order (position-weighted sum of the
+    ids), for the ranks to check that they were given the same tokens."""
+    ids = ids.long()
+    return int((ids * torch.arange(1, ids.numel() + 1, device=ids.device).view_as(ids)).sum())
+
+
 def global_positions(cp: ContextParallel, length: int, device: torch.device) -> torch.Tensor:
     """[Lr] positions of this rank's slice in the whole sequence."""
     return torch.arange(cp.rank * length, (cp.rank + 1) * length, device=device)

@@ -35,7 +35,7 @@ from ..documents import DocLayout
 from ..memory import ChunkMemory
 from .context import TRAFFIC, _bytes, _peer, all_gather_autograd
 from .group import ContextParallel, context_parallel, paused
-from .model import gather_memory
+from .model import fingerprint, gather_memory
 from .store import ShardedStore, merge_topk
 
 if TYPE_CHECKING:
@@ -203,9 +203,8 @@ def prefill_sharded(model: HSAHybrid, input_ids: torch.Tensor, cache: HSACache, 
         if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[1] % (S * cp.size):
             raise ValueError(f"prefill_sharded needs the whole prompt [batch, length] with length a multiple of "
                              f"{S * cp.size} (chunk_size x ranks), got shape {tuple(input_ids.shape)}: pad or cut it")
-        ids = input_ids.long()
-        fingerprint = (ids * torch.arange(1, ids.numel() + 1).view_as(ids).to(ids.device)).sum()
-        mine = torch.tensor([*ids.shape, int(fingerprint), cache.started, model.training], device=cache.device)
+        mine = torch.tensor([*input_ids.shape, fingerprint(input_ids), cache.started, model.training],
+                            device=cache.device)
         everyone = all_gather_autograd(mine, cp.group)
         if len({tuple(row.tolist()) for row in everyone}) != 1:
             raise ValueError("prefill_sharded: give every rank the same whole prompt, a fresh cache each "
@@ -214,7 +213,7 @@ def prefill_sharded(model: HSAHybrid, input_ids: torch.Tensor, cache: HSACache, 
             raise ValueError("prefill_sharded needs a fresh cache (model.new_cache): this one was already filled")
         if model.training:
             raise ValueError("prefill_sharded selects chunks without Gumbel noise: call model.eval() first")
-        L = ids.shape[1]
+        L = input_ids.shape[1]
         if L // cp.size < least:
             raise ValueError(f"a prompt of {L} tokens gives each of {cp.size} ranks fewer than {least} tokens (the "
                              "sliding window's and the conv's reach): use fewer ranks")
