@@ -4,7 +4,7 @@ the FLOP and byte counts, the argument checks, the exit without CUDA."""
 import pytest
 import torch
 
-from benchmarks import aggregate_tuning
+from benchmarks import aggregate_tuning, profile_prefill, retrieve_tuning
 from benchmarks.common import command_line
 from benchmarks.kernels import __main__ as kernels
 from benchmarks.kernels.aggregate import aggregate_bytes, aggregate_flops, causal_selection, random_weights
@@ -100,6 +100,20 @@ def test_tuning_reads_shapes_and_refuses_bad_ones():
 def test_without_cuda_the_tuning_exits_with_a_message():
     with pytest.raises(SystemExit, match="torch.cuda.is_available"):
         aggregate_tuning.main([])
+
+
+def test_retrieve_tuning_reads_shapes_and_refuses_bad_ones():
+    assert retrieve_tuning.parse_shapes("4096x1048576x128,1x64x64") == [(4096, 1048576, 128), (1, 64, 64)]
+    for bad in ("4096x1048576", "4096x0x64", "ax1x2"):
+        with pytest.raises(SystemExit, match="LxCxDR"):
+            retrieve_tuning.parse_shapes(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without CUDA")
+@pytest.mark.parametrize("module", [retrieve_tuning, profile_prefill])
+def test_without_cuda_the_gpu_only_tools_exit_with_a_message(module):
+    with pytest.raises(SystemExit, match="torch.cuda.is_available"):
+        module.main([])
 
 
 def test_command_line_names_the_module_and_its_arguments(monkeypatch):

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from ramba.ops.backends import pick
 from ramba.ops import hsa_retrieve
 from ramba.ops.retrieve import retrieve_reference, visible_chunks
+from benchmarks.retrieve_tuning import GRID
+from ramba.ops.retrieve import fused
 from ramba.ops.retrieve.fused import plan, retrieve_triton
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -249,3 +251,24 @@ def test_large_decode(B, L):
     positions = (C * S - L + torch.arange(L, device=DEVICE)).expand(B, L)
     args = (qr, landmarks, 16, S, positions, None)
     assert all(torch.equal(a, b) for a, b in zip(retrieve_triton(*args), retrieve_reference(*args)))
+
+
+TUNING = sorted({(g["block_m"], g["block_n"], g["prefetch"]) for g in GRID})  # what the interpreter can tell apart
+
+
+@pytest.mark.parametrize("block_m,block_n,prefetch", TUNING)
+@settings(max_examples=examples(8), deadline=None)
+@given(c=case())
+def test_every_tuning_setting_gives_the_reference_selection(block_m, block_n, prefetch, c):
+    """The tile shapes and the register prefetch that benchmarks.retrieve_tuning sweeps select as the reference."""
+    qr, landmarks, positions = make_inputs(c["B"], c["L"], c["Hr"], c["dr"], c["C"], c["S"], c["seed"], True,
+                                           shift=c["shift"])
+    saved = dict(fused.LAUNCH)
+    fused.LAUNCH.update(block_m=block_m, block_n=block_n, prefetch=prefetch)
+    try:
+        indices, scores = retrieve_triton(qr, landmarks, c["topk"], c["S"], positions, c["window"],
+                                          splits=c["splits"])
+    finally:
+        fused.LAUNCH.update(saved)
+    want_idx, want_scores = retrieve_reference(qr, landmarks, c["topk"], c["S"], positions, c["window"])
+    assert torch.equal(indices, want_idx) and torch.equal(scores, want_scores)

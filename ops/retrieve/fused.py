@@ -27,6 +27,8 @@ MAX_TOPK = 64
 SMALL_MEMORY = 4096  # chunks: at most this many landmarks (1 MB at dr=128 in bf16) stay in L2
 MAX_DIM = 256
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# launch settings for a long memory (chunks streamed from HBM); benchmarks.retrieve_tuning sweeps them
+LAUNCH: dict[str, int] = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "prefetch": 0}
 EMPTY_HIGH = -(2**31)  # high half of every empty or masked key: the image of no non-NaN float
 _EMPTY_HIGH = tl.constexpr(EMPTY_HIGH)
 
@@ -44,6 +46,13 @@ def _floor(threshold):
     return tl.where(high == _EMPTY_HIGH, float("-inf"), _image(high).to(tl.float32, bitcast=True))
 
 
+@triton.jit
+def _tile(lmk_base, cols, dims, hi, dr, sk_c, sk_d, DOT_DTYPE: tl.constexpr):
+    """Landmarks [BLOCK_N, BLOCK_D] of chunks `cols` (zeros at and beyond `hi` and beyond dim `dr`)."""
+    return tl.load(lmk_base + cols[:, None].to(tl.int64) * sk_c + dims[None, :] * sk_d,
+                   mask=(cols < hi)[:, None] & (dims < dr)[None, :], other=0.0).to(DOT_DTYPE)
+
+
 @triton.jit(do_not_specialize=["L", "C", "shift", "chunks_per_split", "seed"])
 def _retrieve_kernel(
     q_ptr, lmk_ptr, pos_ptr, out_ptr, score_ptr,
@@ -51,7 +60,7 @@ def _retrieve_kernel(
     sq_b, sq_l, sq_h, sq_d, sk_b, sk_c, sk_h, sk_d, sp_b, sp_l,
     TOPK: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, GUMBEL: tl.constexpr,
-    FINAL: tl.constexpr,
+    FINAL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Top-TOPK of one block of queries over one range of chunks.
 
@@ -86,11 +95,17 @@ def _retrieve_kernel(
     floor = _floor(threshold)
     masked = tl.full((BLOCK_M, BLOCK_N), _EMPTY_HIGH, tl.int64) << 32
 
+    tile = tl.arange(0, BLOCK_N)
+    if PREFETCH:  # registers hold the next tile, loaded while this one is scored
+        lmk_next = _tile(lmk_base, lo + tile, dims, hi, dr, sk_c, sk_d, DOT_DTYPE)
     for start in range(lo, hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
+        cols = start + tile
         col_ok = cols < hi
-        lmk = tl.load(lmk_base + cols[:, None].to(tl.int64) * sk_c + dims[None, :] * sk_d,
-                      mask=col_ok[:, None] & (dims < dr)[None, :], other=0.0).to(DOT_DTYPE)
+        if PREFETCH:
+            lmk = lmk_next
+            lmk_next = _tile(lmk_base, cols + BLOCK_N, dims, hi, dr, sk_c, sk_d, DOT_DTYPE)
+        else:
+            lmk = _tile(lmk_base, cols, dims, hi, dr, sk_c, sk_d, DOT_DTYPE)
         s = tl.dot(q, tl.trans(lmk), input_precision=PRECISION)
         if GUMBEL:
             # counters (chunk, query row, head) all 32-bit: philox needs one width, and cols is 64-bit on GPUs
@@ -174,8 +189,8 @@ def plan(B: int, L: int, Hr: int, C: int, topk: int, device: torch.device,
     """(BLOCK_M, BLOCK_N, chunks per split) for a launch; splits=None picks them: with a memory small enough
     to stay in L2, smaller query blocks fill the GPU; else, when too few query blocks would fill it
     (decoding against a long memory), the chunks are split into ranges scanned in parallel."""
-    block_m = min(64 if topk <= 16 else 32, max(16, triton.next_power_of_2(L)))
-    block_n = 64
+    block_m = min(LAUNCH["block_m"] if topk <= 16 else LAUNCH["block_m"] // 2, max(16, triton.next_power_of_2(L)))
+    block_n = LAUNCH["block_n"]
     if splits is None:
         cores = _cores(device)
         if C <= SMALL_MEMORY:
@@ -210,7 +225,8 @@ def _select(qr: torch.Tensor, landmarks: torch.Tensor, topk: int, positions: tor
         gumbel, seed, *qr.stride(), *landmarks.stride(), *positions.stride(),
         TOPK=topk, KP=triton.next_power_of_2(topk), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(dr)), DOT_DTYPE=dot_dtype,
-        PRECISION="tf32" if low else "ieee", GUMBEL=gumbel > 0, FINAL=final, num_warps=4,
+        PRECISION="tf32" if low else "ieee", GUMBEL=gumbel > 0, FINAL=final, PREFETCH=bool(LAUNCH["prefetch"]),
+        num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
     )
     if final:
         return out.view(B, L, Hr, topk), scores

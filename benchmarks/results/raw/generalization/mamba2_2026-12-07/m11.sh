@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Issues #25 and #22 (2026-12-07): the retrieval kernel's launch settings swept on the GPU, a profile of the
+# shipped Mamba2 model's prefill, then fresh 64M pass keys with the fastest setting. From the repository root on
+# the device machine (carry .wheels/kernels.tar.xz):
+#   PART=tune bash benchmarks/results/raw/generalization/mamba2_2026-12-07/m11.sh
+#       GPU tests of the retrieval kernel (every swept tile shape against the reference), the sweep
+#       (python -m benchmarks.retrieve_tuning), a profile of one 64K-token segment of mamba2-passkey after 4M
+#       tokens, then 64M pass keys (seed 103) until the call's time runs out
+#   PART=64m bash ...m11.sh      more of the same 64M pass keys (results.jsonl resumes: done prompts are skipped)
+#   PART=pool bash ...m11.sh     fresh pass keys at 1M (40) and 16M (20), seed 104, and niah_multikey_1 at 4K and 1M
+# LAUNCH (the retrieval kernel's settings, JSON) overrides ops/retrieve/fused.py's for the pass keys; PART=tune
+# takes the best setting of the prefill-like shape (65536 queries x 262144 chunks, dr 64) from the sweep.
+set -u
+out="${OUT:-out}"; mkdir -p "$out"
+source benchmarks/device_setup.sh
+model=benchmarks/models/mamba2-passkey
+with_launch() {  # run a benchmark module's main with fused.LAUNCH updated from $LAUNCH
+    python3 -c "import json, os, runpy, sys; from ramba.ops.retrieve import fused
+fused.LAUNCH.update(json.loads(os.environ.get('LAUNCH') or '{}')); print('retrieval LAUNCH', fused.LAUNCH, flush=True)
+sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__')" "$@"
+}
+passkeys_64m() {  # until $1 seconds have passed
+    timeout "$1" bash -c "$(declare -f with_launch); with_launch benchmarks.passkey --checkpoint m9=$model \
+        --lengths 64m --samples 4 --seed 103 --segment 65536 --out /tmp/pk64" 2>&1 | grep -E "^\||rror|LAUNCH"
+    cp /tmp/pk64/results.jsonl "$out/passkey_64m_seed103.jsonl"; cp /tmp/pk64/summary.md "$out/" 2>/dev/null
+    python3 -c "import json; r=[json.loads(l) for l in open('/tmp/pk64/results.jsonl')]
+print(f'64M: {sum(x[\"score\"] for x in r):.0f}/{len(r)}, seconds', [x['seconds'] for x in r])"
+}
+case "${PART:?PART=tune, 64m or pool}" in
+tune)
+    start=$SECONDS
+    timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_retrieve_triton.py -k "tuning or exact" 2>&1 | tail -2
+    timeout 200 python3 -m benchmarks.retrieve_tuning --out "$out/retrieve_tuning.md" > /tmp/tune.log 2>&1
+    grep -E "^## |^Current" "$out/retrieve_tuning.md"
+    export LAUNCH=$(python3 -c "import re; t=open('$out/retrieve_tuning.md').read().split('## L=65536')[1]
+m=re.search(r'Best: ([^(]*) \(', t); print('{' + ', '.join('\"%s\": %s' % tuple(kv.split('=')) for kv in m.group(1).strip().split(', ')) + '}' if m else '{}')")
+    echo "LAUNCH=$LAUNCH"
+    timeout 120 bash -c "$(declare -f with_launch); with_launch benchmarks.profile_prefill" 2>&1 | tail -45 || true
+    passkeys_64m $((560 - (SECONDS - start))) ;;
+64m)
+    passkeys_64m 560 ;;
+pool)
+    for length in 1m 16m; do
+        n=$([ $length = 1m ] && echo 8 || echo 4)  # x 5 depths: 40 at 1M, 20 at 16M
+        timeout 280 bash -c "$(declare -f with_launch); with_launch benchmarks.passkey --checkpoint m9=$model \
+            --lengths $length --samples $n --seed 104 --segment 65536 --out /tmp/pk_$length" 2>&1 | grep -E "^\||rror"
+        cp /tmp/pk_$length/summary.md "$out/passkey_${length}_seed104.md"
+        cp /tmp/pk_$length/results.jsonl "$out/passkey_${length}_seed104.jsonl"
+    done
+    timeout 150 python3 -m benchmarks.ruler --checkpoint m9=$model --tasks niah_multikey_1 --lengths 4k,1m \
+        --samples 10 --seed 104 --segment 65536 --out /tmp/mk 2>&1 | grep -E "^\||rror"
+    cp /tmp/mk/summary.md "$out/multikey_1.md" ;;
+esac
