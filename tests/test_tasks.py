@@ -61,6 +61,25 @@ def test_passkey_prompt_exact_deterministic(haystack: str) -> None:
         assert text_of(a).endswith(PASSKEY_QUESTION) and a.prompt_ids[0] == TOK.bos_id
 
 
+class ListBytes:
+    """The byte tokenizer seen only through the generic interface (lists of ids), as a Hugging Face one is."""
+
+    name, vocab_size, bos_id, eos_id, pad_id = "list-bytes", TOK.vocab_size, TOK.bos_id, TOK.eos_id, TOK.pad_id
+
+    def encode(self, text: str) -> list[int]:
+        return TOK.encode(text)
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        return [TOK.encode(text) for text in texts]
+
+
+@pytest.mark.parametrize("task", ["passkey", "niah_single_2", "niah_multikey_1", "qa1"])
+def test_the_byte_tokenizers_fast_haystack_equals_the_generic_one(task: str) -> None:
+    for length, depth, seed in ((700, 0.0, 1), (5000, 0.3, 2), (20000, 1.0, 3)):
+        key = Key(task, length, depth, seed)
+        assert torch.equal(make_sample(key, TOK, seed).prompt_ids, make_sample(key, ListBytes(), seed).prompt_ids)
+
+
 @pytest.mark.parametrize("haystack", ["noise", "essay"])
 def test_needle_at_depth(haystack: str) -> None:
     length = 8192

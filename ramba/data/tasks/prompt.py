@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ramba.tokenizer import Tokenizer
+from ramba.tokenizer import ByteTokenizer, Tokenizer
 
 from ..texts import read_texts
 from .filler import sentences
@@ -78,6 +78,18 @@ def encode_prompt(tokenizer: Tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(bos + tokenizer.encode(text), dtype=torch.int32)
 
 
+def _encode_block(tokenizer: Tokenizer, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
+    """int32 [n] ids of the texts one after another, and each text's token count (bytes read directly for the
+    byte tokenizer: a 64M-token haystack in about a second instead of ten)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        raw = [text.encode("utf-8") for text in texts]
+        joined = bytearray(b"".join(raw))
+        ids = torch.frombuffer(joined, dtype=torch.uint8).to(torch.int32) if joined else torch.empty(0, dtype=torch.int32)
+        return ids, [len(r) for r in raw]
+    encoded = tokenizer.encode_many(texts)
+    return torch.tensor(list(chain.from_iterable(encoded)), dtype=torch.int32), [len(ids) for ids in encoded]
+
+
 def _haystack(tokenizer: Tokenizer, units: Iterator[str], budget: int) -> tuple[torch.Tensor, list[int], int]:
     """Token ids of the first `budget` tokens of the concatenated units, the boundaries of the whole units (token
     offsets, 0 included; `budget` only when the last unit is whole) and the number of whole units."""
@@ -87,11 +99,11 @@ def _haystack(tokenizer: Tokenizer, units: Iterator[str], budget: int) -> tuple[
         block = list(islice(units, size))
         if not block:
             raise TaskError("the haystack ran out of text")
-        encoded = tokenizer.encode_many(block)
-        for ids in encoded:
-            total += len(ids)
+        ids, lengths = _encode_block(tokenizer, block)
+        for n in lengths:
+            total += n
             bounds.append(total)
-        pieces.append(torch.tensor(list(chain.from_iterable(encoded)), dtype=torch.int32))
+        pieces.append(ids)
     ids = torch.cat(pieces)[:budget]
     whole = bisect.bisect_right(bounds, budget) - 1
     return ids, bounds[:whole + 1], whole
