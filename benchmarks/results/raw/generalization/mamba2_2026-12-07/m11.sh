@@ -8,6 +8,7 @@
 #       tokens, then 64M pass keys (seed 103) until the call's time runs out
 #   PART=64m bash ...m11.sh      more of the same 64M pass keys (results.jsonl resumes: done prompts are skipped)
 #   PART=pool bash ...m11.sh     fresh pass keys at 1M (40) and 16M (20), seed 104, and niah_multikey_1 at 4K and 1M
+# SEG: the prefill segment of the pass keys (PART=tune takes the faster of 64K and 1M tokens in the profile).
 # LAUNCH (the retrieval kernel's settings, JSON) overrides ops/retrieve/fused.py's for the pass keys; PART=tune
 # takes the best setting of the prefill-like shape (65536 queries x 262144 chunks, dr 64) from the sweep.
 set -u
@@ -21,7 +22,7 @@ sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__')" "$@
 }
 passkeys_64m() {  # until $1 seconds have passed
     timeout "$1" bash -c "$(declare -f with_launch); with_launch benchmarks.passkey --checkpoint m9=$model \
-        --lengths 64m --samples 4 --seed 103 --segment 65536 --out /tmp/pk64" 2>&1 | grep -E "^\||rror|LAUNCH"
+        --lengths 64m --samples 4 --seed 103 --segment ${SEG:-65536} --out /tmp/pk64" 2>&1 | grep -E "^\||rror|LAUNCH"
     cp /tmp/pk64/results.jsonl "$out/passkey_64m_seed103.jsonl"; cp /tmp/pk64/summary.md "$out/" 2>/dev/null
     python3 -c "import json; r=[json.loads(l) for l in open('/tmp/pk64/results.jsonl')]
 print(f'64M: {sum(x[\"score\"] for x in r):.0f}/{len(r)}, seconds', [x['seconds'] for x in r])"
@@ -35,7 +36,13 @@ tune)
     export LAUNCH=$(python3 -c "import re; t=open('$out/retrieve_tuning.md').read().split('## L=65536')[1]
 m=re.search(r'Best: ([^(]*) \(', t); print('{' + ', '.join('\"%s\": %s' % tuple(kv.split('=')) for kv in m.group(1).strip().split(', ')) + '}' if m else '{}')")
     echo "LAUNCH=$LAUNCH"
-    timeout 120 bash -c "$(declare -f with_launch); with_launch benchmarks.profile_prefill" 2>&1 | tail -45 || true
+    for seg in 65536 1048576; do  # prefill segments: launches per segment against work per launch
+        timeout 100 bash -c "$(declare -f with_launch); with_launch benchmarks.profile_prefill --segment $seg" \
+            > /tmp/profile_$seg.txt 2>&1; grep -A32 "tokens in" /tmp/profile_$seg.txt | cut -c1-160
+    done
+    export SEG=$(for seg in 65536 1048576; do sed -n "s/.* tokens in \([0-9.]*\) s.*/\1 $seg/p" /tmp/profile_$seg.txt
+                 done | sort -n | head -1 | cut -d' ' -f2)
+    echo "SEG=${SEG:=65536}"
     passkeys_64m $((560 - (SECONDS - start))) ;;
 64m)
     passkeys_64m 560 ;;
@@ -43,11 +50,11 @@ pool)
     for length in 1m 16m; do
         n=$([ $length = 1m ] && echo 8 || echo 4)  # x 5 depths: 40 at 1M, 20 at 16M
         timeout 280 bash -c "$(declare -f with_launch); with_launch benchmarks.passkey --checkpoint m9=$model \
-            --lengths $length --samples $n --seed 104 --segment 65536 --out /tmp/pk_$length" 2>&1 | grep -E "^\||rror"
+            --lengths $length --samples $n --seed 104 --segment ${SEG:-65536} --out /tmp/pk_$length" 2>&1 | grep -E "^\||rror"
         cp /tmp/pk_$length/summary.md "$out/passkey_${length}_seed104.md"
         cp /tmp/pk_$length/results.jsonl "$out/passkey_${length}_seed104.jsonl"
     done
     timeout 150 python3 -m benchmarks.ruler --checkpoint m9=$model --tasks niah_multikey_1 --lengths 4k,1m \
-        --samples 10 --seed 104 --segment 65536 --out /tmp/mk 2>&1 | grep -E "^\||rror"
+        --samples 10 --seed 104 --segment ${SEG:-65536} --out /tmp/mk 2>&1 | grep -E "^\||rror"
     cp /tmp/mk/summary.md "$out/multikey_1.md" ;;
 esac
