@@ -4,8 +4,8 @@ python -m benchmarks.retrieve_tuning [--shapes 4096x1048576x128,65536x262144x64,
 
 At each shape (L queries x C chunks x retrieval dim dr; B = 1, Hr = 1, K = 8, S = 64, bf16, every chunk visible
 to every query, as in benchmarks.kernels): the time under the current settings, then every setting of a small
-grid (query rows and chunks per tile, warps, software-pipelining stages, or a register prefetch of the next tile
-instead of the pipeliner). Each setting's indices and scores are checked against the current setting's (equal
+grid (query rows a tile, warps, software-pipelining stages, and how a tile's passing scores enter the running
+top-k: 64-bit keys or 32-bit score images). Each setting's indices and scores are checked against the current setting's (equal
 up to near-ties of bf16 scores) before it is timed. Times are medians of triton.testing.do_bench.
 """
 
@@ -21,8 +21,8 @@ import torch
 from benchmarks.kernels.harness import Bench, generator, log, table, write_report
 from ramba.ops.retrieve import fused
 
-GRID = [{"block_m": m, "block_n": n, "num_warps": w, "num_stages": s, "prefetch": p}
-        for m, n, w, (s, p) in itertools.product((64, 128), (64, 128), (4, 8), ((1, 0), (2, 0), (3, 0), (1, 1)))]
+GRID = [{"block_m": m, "block_n": 64, "num_warps": w, "num_stages": s, "insert": i}
+        for i, m, w, s in itertools.product(("keys", "images"), (32, 64), (4, 8), (1, 3))]
 SHAPES = "4096x1048576x128,65536x262144x64,1x1048576x64"
 K, S = 8, 64
 AGREE = 0.999  # share of selected chunks two settings must agree on (bf16 near-ties may differ)

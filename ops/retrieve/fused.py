@@ -27,8 +27,10 @@ MAX_TOPK = 64
 SMALL_MEMORY = 4096  # chunks: at most this many landmarks (1 MB at dr=128 in bf16) stay in L2
 MAX_DIM = 256
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# launch settings for a long memory (chunks streamed from HBM); benchmarks.retrieve_tuning sweeps them
-LAUNCH: dict[str, int] = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "prefetch": 0}
+# launch settings for a long memory (chunks streamed from HBM), swept by benchmarks.retrieve_tuning; "insert":
+# how a tile's passing scores enter the running top-k, as 64-bit (score, chunk) keys or with 32-bit work on
+# the tile's score images ("images", not yet timed on a GPU)
+LAUNCH: dict[str, int | str] = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "insert": "keys"}
 EMPTY_HIGH = -(2**31)  # high half of every empty or masked key: the image of no non-NaN float
 _EMPTY_HIGH = tl.constexpr(EMPTY_HIGH)
 
@@ -46,13 +48,6 @@ def _floor(threshold):
     return tl.where(high == _EMPTY_HIGH, float("-inf"), _image(high).to(tl.float32, bitcast=True))
 
 
-@triton.jit
-def _tile(lmk_base, cols, dims, hi, dr, sk_c, sk_d, DOT_DTYPE: tl.constexpr):
-    """Landmarks [BLOCK_N, BLOCK_D] of chunks `cols` (zeros at and beyond `hi` and beyond dim `dr`)."""
-    return tl.load(lmk_base + cols[:, None].to(tl.int64) * sk_c + dims[None, :] * sk_d,
-                   mask=(cols < hi)[:, None] & (dims < dr)[None, :], other=0.0).to(DOT_DTYPE)
-
-
 @triton.jit(do_not_specialize=["L", "C", "shift", "chunks_per_split", "seed"])
 def _retrieve_kernel(
     q_ptr, lmk_ptr, pos_ptr, out_ptr, score_ptr,
@@ -60,7 +55,7 @@ def _retrieve_kernel(
     sq_b, sq_l, sq_h, sq_d, sk_b, sk_c, sk_h, sk_d, sp_b, sp_l,
     TOPK: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, GUMBEL: tl.constexpr,
-    FINAL: tl.constexpr, PREFETCH: tl.constexpr,
+    FINAL: tl.constexpr, IMAGES: tl.constexpr,
 ):
     """Top-TOPK of one block of queries over one range of chunks.
 
@@ -95,17 +90,11 @@ def _retrieve_kernel(
     floor = _floor(threshold)
     masked = tl.full((BLOCK_M, BLOCK_N), _EMPTY_HIGH, tl.int64) << 32
 
-    tile = tl.arange(0, BLOCK_N)
-    if PREFETCH:  # registers hold the next tile, loaded while this one is scored
-        lmk_next = _tile(lmk_base, lo + tile, dims, hi, dr, sk_c, sk_d, DOT_DTYPE)
     for start in range(lo, hi, BLOCK_N):
-        cols = start + tile
+        cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
-        if PREFETCH:
-            lmk = lmk_next
-            lmk_next = _tile(lmk_base, cols + BLOCK_N, dims, hi, dr, sk_c, sk_d, DOT_DTYPE)
-        else:
-            lmk = _tile(lmk_base, cols, dims, hi, dr, sk_c, sk_d, DOT_DTYPE)
+        lmk = tl.load(lmk_base + cols[:, None].to(tl.int64) * sk_c + dims[None, :] * sk_d,
+                      mask=col_ok[:, None] & (dims < dr)[None, :], other=0.0).to(DOT_DTYPE)
         s = tl.dot(q, tl.trans(lmk), input_precision=PRECISION)
         if GUMBEL:
             # counters (chunk, query row, head) all 32-bit: philox needs one width, and cols is 64-bit on GPUs
@@ -117,18 +106,32 @@ def _retrieve_kernel(
         # a cheap float test first (NaN passes, as a NaN key ranks above all): most tiles of a long memory
         # hold no score that reaches the current K-th best, and skip the key work
         maybe = col_ok[None, :] & (cols[None, :] < vis[:, None]) & ~(s < floor[:, None])
-        if tl.max(tl.max(maybe.to(tl.int32), 1), 0) > 0:
+        passing = tl.max(tl.sum(maybe.to(tl.int32), 1), 0)  # at least as many as beat the K-th best in a row
+        if passing > 0:
             # s is never -0.0 (sums start from +0.0), so equal scores have equal images
-            key = (_image(s.to(tl.int32, bitcast=True)).to(tl.int64) << 32) | cols[None, :].to(tl.int64)
-            key = tl.where(maybe, key, masked)
-            # insert the tile's keys that beat the current K-th best, largest first
-            beating = tl.sum((key > threshold[:, None]).to(tl.int32), 1)
-            for _step in range(tl.minimum(tl.max(beating, 0), TOPK)):
-                cand = tl.max(key, 1)
-                take = cand > threshold
-                best = tl.where((best == threshold[:, None]) & take[:, None], cand[:, None], best)
-                key = tl.where(key == cand[:, None], masked, key)
-                threshold = tl.min(best, 1)
+            image = _image(s.to(tl.int32, bitcast=True))
+            if IMAGES:
+                # 32-bit work on the tile: each step takes every row's best (score, then most recent chunk)
+                image = tl.where(maybe, image, _EMPTY_HIGH)
+                lane = cols.to(tl.int32)[None, :]  # chunk indices fit 31 bits (`unsupported`)
+                for _step in range(tl.minimum(passing, TOPK)):
+                    top = tl.max(image, 1)
+                    col = tl.max(tl.where(image == top[:, None], lane, -1), 1)
+                    cand = (top.to(tl.int64) << 32) | col.to(tl.int64)
+                    take = (top != _EMPTY_HIGH) & (cand > threshold)
+                    best = tl.where((best == threshold[:, None]) & take[:, None], cand[:, None], best)
+                    image = tl.where(lane == col[:, None], _EMPTY_HIGH, image)
+                    threshold = tl.min(best, 1)
+            else:
+                # 64-bit keys for the tile: insert those that beat the current K-th best, largest first
+                key = tl.where(maybe, (image.to(tl.int64) << 32) | cols[None, :].to(tl.int64), masked)
+                beating = tl.sum((key > threshold[:, None]).to(tl.int32), 1)
+                for _step in range(tl.minimum(tl.max(beating, 0), TOPK)):
+                    cand = tl.max(key, 1)
+                    take = cand > threshold
+                    best = tl.where((best == threshold[:, None]) & take[:, None], cand[:, None], best)
+                    key = tl.where(key == cand[:, None], masked, key)
+                    threshold = tl.min(best, 1)
             floor = _floor(threshold)
 
     if FINAL:
@@ -225,7 +228,7 @@ def _select(qr: torch.Tensor, landmarks: torch.Tensor, topk: int, positions: tor
         gumbel, seed, *qr.stride(), *landmarks.stride(), *positions.stride(),
         TOPK=topk, KP=triton.next_power_of_2(topk), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(dr)), DOT_DTYPE=dot_dtype,
-        PRECISION="tf32" if low else "ieee", GUMBEL=gumbel > 0, FINAL=final, PREFETCH=bool(LAUNCH["prefetch"]),
+        PRECISION="tf32" if low else "ieee", GUMBEL=gumbel > 0, FINAL=final, IMAGES=LAUNCH["insert"] == "images",
         num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
     )
     if final:
