@@ -11,6 +11,10 @@
 # SEG: the prefill segment of the pass keys (PART=tune takes the faster of 64K and 1M tokens in the profile).
 # LAUNCH (the retrieval kernel's settings, JSON) overrides ops/retrieve/fused.py's for the pass keys; PART=tune
 # takes the best setting of the prefill-like shape (65536 queries x 262144 chunks, dr 64) from the sweep.
+# As run (one H200): PART=tune (574 s: 4 of the 64M prompts); then, on the same warm machine, with SEG=1048576,
+# `PART=pool` under `timeout 200` (1M and 16M done, the niah_multikey_1 part cut) followed by `PART=64m` under
+# `timeout 330`, which stopped it before its copy (4 more 64M prompts, copied out by the next call); then the
+# passkey command of passkeys_64m alone under `timeout 265` (3 more): 11 prompts at 64M in all.
 set -u
 out="${OUT:-out}"; mkdir -p "$out"
 source benchmarks/device_setup.sh
