@@ -37,8 +37,9 @@ tune)
     timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_retrieve_triton.py -k "tuning or exact" 2>&1 | tail -2
     timeout 200 python3 -m benchmarks.retrieve_tuning --out "$out/retrieve_tuning.md" > /tmp/tune.log 2>&1
     grep -E "^## |^Current" "$out/retrieve_tuning.md"
-    export LAUNCH=$(python3 -c "import re; t=open('$out/retrieve_tuning.md').read().split('## L=65536')[1]
-m=re.search(r'Best: ([^(]*) \(', t); print('{' + ', '.join('\"%s\": %s' % tuple(kv.split('=')) for kv in m.group(1).strip().split(', ')) + '}' if m else '{}')")
+    export LAUNCH=$(python3 -c "import json, re; t=open('$out/retrieve_tuning.md').read().split('## L=65536')[1]
+m=re.search(r'Best: ([^(]*) \(', t); pairs=[kv.split('=') for kv in m.group(1).strip().split(', ')] if m else []
+print(json.dumps({k: int(v) if v.isdigit() else v for k, v in pairs}))")
     echo "LAUNCH=$LAUNCH"
     for seg in 65536 1048576; do  # prefill segments: launches per segment against work per launch
         timeout 100 bash -c "$(declare -f with_launch); with_launch benchmarks.profile_prefill --segment $seg" \
