@@ -26,7 +26,11 @@
 # or, for a device call's `carry` (64 MiB with the repo), pack them with the workplace packer (see its header):
 #   /work/shared/tools/pack-wheels.sh .wheels/kernels.tar.xz .wheels/causal_conv1d-*.whl \
 #       .wheels/mamba_ssm-*.whl .wheels/fla_core-*.whl .wheels/testtools/*.whl        # ~24 MiB
-# carry .wheels/kernels.tar.xz and begin the command with
+# Without causal-conv1d (FLA's Triton conv takes its place), a 3 MiB archive leaves room for the repository's
+# tracked files (about 52 MiB with the shipped models and kept runs) within the carry limit:
+#   /work/shared/tools/pack-wheels.sh .wheels/slim.tar.xz .wheels/mamba_ssm-*.whl .wheels/fla_core-*.whl \
+#       .wheels/testtools/*.whl
+# carry .wheels/kernels.tar.xz (or slim.tar.xz) and begin the command with
 #   [ -d /tmp/site ] || { mkdir -p /tmp/site && xz -d < .wheels/kernels.tar.xz | tar x -C /tmp/site; } &&
 #   . /tmp/site/activate.sh && ...
 set -euo pipefail
