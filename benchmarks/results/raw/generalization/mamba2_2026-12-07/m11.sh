@@ -37,6 +37,10 @@ tune)
     timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_retrieve_triton.py -k "tuning or exact" 2>&1 | tail -2
     timeout 200 python3 -m benchmarks.retrieve_tuning --out "$out/retrieve_tuning.md" > /tmp/tune.log 2>&1
     grep -E "^## |^Current" "$out/retrieve_tuning.md"
+    timeout 60 python3 -c "import torch; from benchmarks.profiling import top_ops; from ramba.ops import hsa_retrieve
+q = torch.randn(1, 4096, 1, 128, device='cuda').bfloat16(); l = torch.randn(1, 64, 1, 128, device='cuda').bfloat16()
+p = 4096 + torch.arange(4096, device='cuda')[None]; f = lambda: hsa_retrieve(q, l, 8, 64, p, backend='triton')
+f(); print('retrieval, 4096 queries x 64 chunks, 20 calls:'); print(top_ops(f, calls=20, rows=8))" 2>&1 | tail -14
     export LAUNCH=$(python3 -c "import json, re; t=open('$out/retrieve_tuning.md').read().split('## L=65536')[1]
 m=re.search(r'Best: ([^(]*) \(', t); pairs=[kv.split('=') for kv in m.group(1).strip().split(', ')] if m else []
 print(json.dumps({k: int(v) if v.isdigit() else v for k, v in pairs}))")
