@@ -8,7 +8,8 @@
 #       tokens, then 64M pass keys (seed 103) until the call's time runs out
 #   PART=64m bash ...m11.sh      more of the same 64M pass keys (results.jsonl resumes: done prompts are skipped)
 #   PART=pool bash ...m11.sh     fresh pass keys at 1M (40) and 16M (20), seed 104, and niah_multikey_1 at 4K and 1M
-# SEG: the prefill segment of the pass keys (PART=tune takes the faster of 64K and 1M tokens in the profile).
+# SEG: the prefill segment of the pass keys (PART=tune without SEG profiles 64K and 1M tokens and takes the
+# faster; 1048576 was faster on the H200).
 # LAUNCH (the retrieval kernel's settings, JSON) overrides ops/retrieve/fused.py's for the pass keys; PART=tune
 # takes the best setting of the prefill-like shape (65536 queries x 262144 chunks, dr 64) from the sweep.
 # As run (one H200): PART=tune (574 s: 4 of the 64M prompts); then, on the same warm machine, with SEG=1048576,
@@ -45,12 +46,12 @@ f(); print('retrieval, 4096 queries x 64 chunks, 20 calls:'); print(top_ops(f, c
 m=re.search(r'Best: ([^(]*) \(', t); pairs=[kv.split('=') for kv in m.group(1).strip().split(', ')] if m else []
 print(json.dumps({k: int(v) if v.isdigit() else v for k, v in pairs}))")
     echo "LAUNCH=$LAUNCH"
-    for seg in 65536 1048576; do  # prefill segments: launches per segment against work per launch
+    [ -n "${SEG:-}" ] || for seg in 65536 1048576; do  # prefill segments (skipped when SEG is given)
         timeout 100 bash -c "$(declare -f with_launch); with_launch benchmarks.profile_prefill --segment $seg" \
             > /tmp/profile_$seg.txt 2>&1; grep -A32 "tokens in" /tmp/profile_$seg.txt | cut -c1-160
     done
-    export SEG=$(for seg in 65536 1048576; do sed -n "s/.* tokens in \([0-9.]*\) s.*/\1 $seg/p" /tmp/profile_$seg.txt
-                 done | sort -n | head -1 | cut -d' ' -f2)
+    [ -n "${SEG:-}" ] || export SEG=$(for seg in 65536 1048576; do
+        sed -n "s/.* tokens in \([0-9.]*\) s.*/\1 $seg/p" /tmp/profile_$seg.txt; done | sort -n | head -1 | cut -d' ' -f2)
     echo "SEG=${SEG:=65536}"
     passkeys_64m $((560 - (SECONDS - start))) ;;
 64m)
