@@ -1,6 +1,7 @@
 """Launch settings of the fused Triton retrieval kernel (`LAUNCH` in ops/retrieve/fused.py), swept on one GPU.
 
-python -m benchmarks.retrieve_tuning [--shapes 4096x1048576x128,65536x262144x64,1x1048576x64,4096x64x128] [--out FILE]
+python -m benchmarks.retrieve_tuning [--shapes 4096x1048576x128,65536x262144x64,1x1048576x64,4096x64x128]
+    [--out FILE]
 
 At each shape (L queries x C chunks x retrieval dim dr; B = 1, Hr = 1, K = 8, S = 64, bf16, every chunk visible
 to every query, as in benchmarks.kernels): the time under the current settings, then every setting of a small

@@ -84,8 +84,9 @@ def _encode_block(tokenizer: Tokenizer, texts: list[str]) -> tuple[torch.Tensor,
     if isinstance(tokenizer, ByteTokenizer):
         raw = [text.encode("utf-8") for text in texts]
         joined = bytearray(b"".join(raw))
-        ids = torch.frombuffer(joined, dtype=torch.uint8).to(torch.int32) if joined else torch.empty(0, dtype=torch.int32)
-        return ids, [len(r) for r in raw]
+        if not joined:
+            return torch.empty(0, dtype=torch.int32), [0] * len(raw)
+        return torch.frombuffer(joined, dtype=torch.uint8).to(torch.int32), [len(r) for r in raw]
     encoded = tokenizer.encode_many(texts)
     return torch.tensor(list(chain.from_iterable(encoded)), dtype=torch.int32), [len(ids) for ids in encoded]
 
