@@ -55,7 +55,7 @@ def _retrieve_kernel(
     sq_b, sq_l, sq_h, sq_d, sk_b, sk_c, sk_h, sk_d, sp_b, sp_l,
     TOPK: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, GUMBEL: tl.constexpr,
-    FINAL: tl.constexpr, IMAGES: tl.constexpr,
+    FINAL: tl.constexpr, IMAGES: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """Top-TOPK of one block of queries over one range of chunks.
 
@@ -93,8 +93,10 @@ def _retrieve_kernel(
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
-        lmk = tl.load(lmk_base + cols[:, None].to(tl.int64) * sk_c + dims[None, :] * sk_d,
-                      mask=col_ok[:, None] & (dims < dr)[None, :], other=0.0).to(DOT_DTYPE)
+        # with dr == BLOCK_D the mask is whole rows, which lets Triton pipeline the loads (asynchronous copies)
+        lmk_mask = col_ok[:, None] if EVEN_D else col_ok[:, None] & (dims < dr)[None, :]
+        lmk = tl.load(lmk_base + cols[:, None].to(tl.int64) * sk_c + dims[None, :] * sk_d, mask=lmk_mask,
+                      other=0.0).to(DOT_DTYPE)
         s = tl.dot(q, tl.trans(lmk), input_precision=PRECISION)
         if GUMBEL:
             # counters (chunk, query row, head) all 32-bit: philox needs one width, and cols is 64-bit on GPUs
@@ -229,6 +231,7 @@ def _select(qr: torch.Tensor, landmarks: torch.Tensor, topk: int, positions: tor
         TOPK=topk, KP=triton.next_power_of_2(topk), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(dr)), DOT_DTYPE=dot_dtype,
         PRECISION="tf32" if low else "ieee", GUMBEL=gumbel > 0, FINAL=final, IMAGES=LAUNCH["insert"] == "images",
+        EVEN_D=dr == max(16, triton.next_power_of_2(dr)),
         num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
     )
     if final:
