@@ -275,3 +275,30 @@ def test_every_tuning_setting_gives_the_reference_selection(block_m, block_n, in
         fused.LAUNCH.update(saved)
     want_idx, want_scores = retrieve_reference(qr, landmarks, c["topk"], c["S"], positions, c["window"])
     assert torch.equal(indices, want_idx) and torch.equal(scores, want_scores)
+
+
+@pytest.mark.parametrize("S,window,splits", [(1, None, None), (2, 8, None), (1, None, 3)])
+def test_rows_of_one_block_that_see_different_tiles(S, window, splits):
+    """Queries of one block whose visible chunks end in different tiles: whole tiles are scanned without
+    per-score masks only up to the chunks that every row sees."""
+    L, C = 64, 260
+    qr, landmarks, _ = make_inputs(1, L, 1, 32, C, S, 5, True)
+    positions = (S * 40 + S * 3 * torch.arange(L, device=DEVICE))[None]  # from 40 to 229 chunks visible
+    indices, scores = retrieve_triton(qr, landmarks, 8, S, positions, window, splits=splits)
+    want_idx, want_scores = retrieve_reference(qr, landmarks, 8, S, positions, window)
+    assert torch.equal(indices, want_idx) and torch.equal(scores, want_scores)
+
+
+def test_visible_nan_and_inf_landmarks_rank_as_in_the_reference():
+    """A NaN score ranks above all and an infinite one by its sign, in whole tiles and in the last, masked one."""
+    g = torch.Generator().manual_seed(0)
+    qr = torch.randn(1, 70, 1, 16, generator=g).to(DEVICE)
+    landmarks = torch.randn(1, 150, 1, 16, generator=g)
+    landmarks[0, 20] = float("nan")
+    landmarks[0, 100, 0, 3] = float("inf")
+    landmarks[0, 140, 0, 5] = float("-inf")
+    landmarks = landmarks.to(DEVICE)
+    positions = (150 * 16 + torch.arange(70, device=DEVICE))[None]
+    indices, _ = retrieve_triton(qr, landmarks, 4, 16, positions)
+    want, _ = retrieve_reference(qr, landmarks, 4, 16, positions)
+    assert torch.equal(indices, want) and bool((indices == 20).any(-1).all())

@@ -42,10 +42,91 @@ def _image(bits):
 
 
 @triton.jit
+def _max_nan(a, b):
+    """max that keeps NaN (a NaN score ranks above all, as in the keys)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _floor(threshold):
     """The score of each row's K-th best key, -inf while a slot is empty: no lower score can enter."""
     high = (threshold >> 32).to(tl.int32)
     return tl.where(high == _EMPTY_HIGH, float("-inf"), _image(high).to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _scan(q, lmk_base, lo, hi, vis, best, threshold, rows, row_ok, b, h, L, dr, sk_c, sk_d, sqrt_dr, gumbel, seed,
+          TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+          DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, GUMBEL: tl.constexpr, IMAGES: tl.constexpr,
+          EVEN_D: tl.constexpr, MASKED: tl.constexpr):
+    """Merge the scores of chunks [lo, hi) into each row's running top-k (best [BLOCK_M, KP] keys, threshold the
+    K-th best). MASKED=False is for tiles that every row of the block sees whole: no visibility or range test
+    per score, and rows beyond L are kept out through their floor."""
+    dims = tl.arange(0, BLOCK_D)
+    floor = _floor(threshold)
+    masked = tl.full((BLOCK_M, BLOCK_N), _EMPTY_HIGH, tl.int64) << 32
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < hi
+        # with dr == BLOCK_D and whole tiles there is no mask, or only whole rows: Triton then pipelines the loads
+        # (asynchronous copies), which a mask on the retrieval dim rules out
+        lmk_ptrs = lmk_base + cols[:, None].to(tl.int64) * sk_c + dims[None, :] * sk_d
+        if MASKED:
+            lmk_mask = col_ok[:, None] if EVEN_D else col_ok[:, None] & (dims < dr)[None, :]
+            lmk = tl.load(lmk_ptrs, mask=lmk_mask, other=0.0).to(DOT_DTYPE)
+        elif EVEN_D:
+            lmk = tl.load(lmk_ptrs).to(DOT_DTYPE)
+        else:
+            lmk = tl.load(lmk_ptrs, mask=(dims < dr)[None, :], other=0.0).to(DOT_DTYPE)
+        s = tl.dot(q, tl.trans(lmk), input_precision=PRECISION)
+        if GUMBEL:
+            # counters (chunk, query row, head) all 32-bit: philox needs one width
+            zero = tl.zeros((BLOCK_M, BLOCK_N), tl.uint32)
+            noise, _, _, _ = tl.philox(seed, cols[None, :].to(tl.uint32) + zero,
+                                       (b * L + rows)[:, None].to(tl.uint32) + zero, h.to(tl.uint32) + zero, zero)
+            uniform = tl.maximum(tl.uint_to_uniform_float(noise), 1e-20)
+            s = tl.math.div_rn(s, sqrt_dr) - gumbel * tl.log(-tl.log(uniform))
+        # a cheap test first, on each row's best score (NaN passes, as a NaN key ranks above all): most tiles of a
+        # long memory hold no score that reaches the current K-th best, and skip the per-score work
+        if MASKED:
+            seen = col_ok[None, :] & (cols[None, :] < vis[:, None])
+            row_best = tl.reduce(tl.where(seen, s, float("-inf")), 1, _max_nan)
+            row_floor = floor
+        else:
+            row_best = tl.reduce(s, 1, _max_nan)
+            row_floor = tl.where(row_ok, floor, float("inf"))
+        if tl.max((~(row_best < row_floor)).to(tl.int32), 0) > 0:
+            maybe = ~(s < row_floor[:, None])
+            if MASKED:
+                maybe = maybe & seen
+            passing = tl.max(tl.sum(maybe.to(tl.int32), 1), 0)  # at least as many as beat the K-th best in a row
+            # s is never -0.0 (sums start from +0.0), so equal scores have equal images
+            image = _image(s.to(tl.int32, bitcast=True))
+            if IMAGES:
+                # 32-bit work on the tile: each step takes every row's best (score, then most recent chunk)
+                image = tl.where(maybe, image, _EMPTY_HIGH)
+                lane = cols.to(tl.int32)[None, :]  # chunk indices fit 31 bits (`unsupported`)
+                for _step in range(tl.minimum(passing, TOPK)):
+                    top = tl.max(image, 1)
+                    col = tl.max(tl.where(image == top[:, None], lane, -1), 1)
+                    cand = (top.to(tl.int64) << 32) | col.to(tl.int64)
+                    take = (top != _EMPTY_HIGH) & (cand > threshold)
+                    best = tl.where((best == threshold[:, None]) & take[:, None], cand[:, None], best)
+                    image = tl.where(lane == col[:, None], _EMPTY_HIGH, image)
+                    threshold = tl.min(best, 1)
+            else:
+                # 64-bit keys for the tile: insert those that beat the current K-th best, largest first
+                key = tl.where(maybe, (image.to(tl.int64) << 32) | cols[None, :].to(tl.int64), masked)
+                beating = tl.sum((key > threshold[:, None]).to(tl.int32), 1)
+                for _step in range(tl.minimum(tl.max(beating, 0), TOPK)):
+                    cand = tl.max(key, 1)
+                    take = cand > threshold
+                    best = tl.where((best == threshold[:, None]) & take[:, None], cand[:, None], best)
+                    key = tl.where(key == cand[:, None], masked, key)
+                    threshold = tl.min(best, 1)
+            floor = _floor(threshold)
+
+    return best, threshold
 
 
 @triton.jit(do_not_specialize=["L", "C", "shift", "chunks_per_split", "seed"])
@@ -72,7 +153,7 @@ def _retrieve_kernel(
     dims = tl.arange(0, BLOCK_D)
     # chunks visible to each query: floor((position - shift) / chunk_size) clamped to [0, C]
     limit = tl.load(pos_ptr + b.to(tl.int64) * sp_b + rows.to(tl.int64) * sp_l, mask=row_ok, other=0) - shift
-    vis = tl.minimum(tl.where(limit > 0, limit // chunk_size, 0), C)
+    vis = tl.minimum(tl.where(limit > 0, limit // chunk_size, 0), C).to(tl.int32)  # C < 2**31 (`unsupported`)
     lo = pid_s * chunks_per_split
     hi = tl.minimum(lo + chunks_per_split, tl.max(vis, 0))
 
@@ -87,54 +168,17 @@ def _retrieve_kernel(
     low = tl.where(slot < TOPK, slot + 1, 2147483647).to(tl.int64)
     best = (high << 32) | low
     threshold = tl.min(best, 1)
-    floor = _floor(threshold)
-    masked = tl.full((BLOCK_M, BLOCK_N), _EMPTY_HIGH, tl.int64) << 32
 
-    for start in range(lo, hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < hi
-        # with dr == BLOCK_D the mask is whole rows, which lets Triton pipeline the loads (asynchronous copies)
-        lmk_mask = col_ok[:, None] if EVEN_D else col_ok[:, None] & (dims < dr)[None, :]
-        lmk = tl.load(lmk_base + cols[:, None].to(tl.int64) * sk_c + dims[None, :] * sk_d, mask=lmk_mask,
-                      other=0.0).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(lmk), input_precision=PRECISION)
-        if GUMBEL:
-            # counters (chunk, query row, head) all 32-bit: philox needs one width, and cols is 64-bit on GPUs
-            zero = tl.zeros((BLOCK_M, BLOCK_N), tl.uint32)
-            noise, _, _, _ = tl.philox(seed, cols[None, :].to(tl.uint32) + zero,
-                                       (b * L + rows)[:, None].to(tl.uint32) + zero, h.to(tl.uint32) + zero, zero)
-            uniform = tl.maximum(tl.uint_to_uniform_float(noise), 1e-20)
-            s = tl.math.div_rn(s, sqrt_dr) - gumbel * tl.log(-tl.log(uniform))
-        # a cheap float test first (NaN passes, as a NaN key ranks above all): most tiles of a long memory
-        # hold no score that reaches the current K-th best, and skip the key work
-        maybe = col_ok[None, :] & (cols[None, :] < vis[:, None]) & ~(s < floor[:, None])
-        passing = tl.max(tl.sum(maybe.to(tl.int32), 1), 0)  # at least as many as beat the K-th best in a row
-        if passing > 0:
-            # s is never -0.0 (sums start from +0.0), so equal scores have equal images
-            image = _image(s.to(tl.int32, bitcast=True))
-            if IMAGES:
-                # 32-bit work on the tile: each step takes every row's best (score, then most recent chunk)
-                image = tl.where(maybe, image, _EMPTY_HIGH)
-                lane = cols.to(tl.int32)[None, :]  # chunk indices fit 31 bits (`unsupported`)
-                for _step in range(tl.minimum(passing, TOPK)):
-                    top = tl.max(image, 1)
-                    col = tl.max(tl.where(image == top[:, None], lane, -1), 1)
-                    cand = (top.to(tl.int64) << 32) | col.to(tl.int64)
-                    take = (top != _EMPTY_HIGH) & (cand > threshold)
-                    best = tl.where((best == threshold[:, None]) & take[:, None], cand[:, None], best)
-                    image = tl.where(lane == col[:, None], _EMPTY_HIGH, image)
-                    threshold = tl.min(best, 1)
-            else:
-                # 64-bit keys for the tile: insert those that beat the current K-th best, largest first
-                key = tl.where(maybe, (image.to(tl.int64) << 32) | cols[None, :].to(tl.int64), masked)
-                beating = tl.sum((key > threshold[:, None]).to(tl.int32), 1)
-                for _step in range(tl.minimum(tl.max(beating, 0), TOPK)):
-                    cand = tl.max(key, 1)
-                    take = cand > threshold
-                    best = tl.where((best == threshold[:, None]) & take[:, None], cand[:, None], best)
-                    key = tl.where(key == cand[:, None], masked, key)
-                    threshold = tl.min(best, 1)
-            floor = _floor(threshold)
+    # tiles that every row of the block sees whole go without per-score masks; the rest (the block's last
+    # chunks, rows of other documents or windows) with them
+    full = tl.minimum(tl.min(tl.where(row_ok, vis, hi), 0), hi)
+    full = tl.maximum(lo + (full - lo) // BLOCK_N * BLOCK_N, lo)
+    best, threshold = _scan(q, lmk_base, lo, full, vis, best, threshold, rows, row_ok, b, h, L, dr, sk_c, sk_d,
+                            sqrt_dr, gumbel, seed, TOPK, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, PRECISION, GUMBEL,
+                            IMAGES, EVEN_D, False)
+    best, threshold = _scan(q, lmk_base, full, hi, vis, best, threshold, rows, row_ok, b, h, L, dr, sk_c, sk_d,
+                            sqrt_dr, gumbel, seed, TOPK, BLOCK_M, BLOCK_N, BLOCK_D, DOT_DTYPE, PRECISION, GUMBEL,
+                            IMAGES, EVEN_D, True)
 
     if FINAL:
         # chunk index (-1 for an empty slot, -2 for padding) above the score's image, sorted most recent first
