@@ -35,7 +35,7 @@ print(f'64M: {sum(x[\"score\"] for x in r):.0f}/{len(r)}, seconds', [x['seconds'
 case "${PART:?PART=tune, 64m or pool}" in
 tune)
     start=$SECONDS
-    timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_retrieve_triton.py -k "tuning or exact" 2>&1 | tail -2
+    timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_retrieve_triton.py -k "tuning or exact or different_tiles or nan_and_inf" 2>&1 | tail -2
     timeout 200 python3 -m benchmarks.retrieve_tuning --out "$out/retrieve_tuning.md" > /tmp/tune.log 2>&1
     grep -E "^## |^Current" "$out/retrieve_tuning.md"
     timeout 60 python3 -c "import torch; from benchmarks.profiling import top_ops; from ramba.ops import hsa_retrieve
