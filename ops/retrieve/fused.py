@@ -99,13 +99,13 @@ def _scan(q, lmk_base, lo, hi, vis, best, threshold, rows, row_ok, b, h, L, dr, 
             maybe = ~(s < row_floor[:, None])
             if MASKED:
                 maybe = maybe & seen
-            passing = tl.max(tl.sum(maybe.to(tl.int32), 1), 0)  # at least as many as beat the K-th best in a row
             # s is never -0.0 (sums start from +0.0), so equal scores have equal images
             image = _image(s.to(tl.int32, bitcast=True))
             if IMAGES:
                 # 32-bit work on the tile: each step takes every row's best (score, then most recent chunk)
                 image = tl.where(maybe, image, _EMPTY_HIGH)
                 lane = cols.to(tl.int32)[None, :]  # chunk indices fit 31 bits (`unsupported`)
+                passing = tl.max(tl.sum(maybe.to(tl.int32), 1), 0)  # at least as many as beat the K-th best in a row
                 for _step in range(tl.minimum(passing, TOPK)):
                     top = tl.max(image, 1)
                     col = tl.max(tl.where(image == top[:, None], lane, -1), 1)
