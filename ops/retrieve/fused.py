@@ -269,13 +269,14 @@ def _select(qr: torch.Tensor, landmarks: torch.Tensor, topk: int, positions: tor
     seed = int(torch.randint(0, 2**62, ())) if gumbel > 0 else 0
     shift = 0 if window is None else window - chunk_size
     grid = (triton.cdiv(L, block_m), B * Hr, n_splits)
+    block_d = max(16, triton.next_power_of_2(dr))
     _retrieve_kernel[grid](
         qr, landmarks, positions, out, scores, L, Hr, dr, C, chunk_size, shift, per_split, math.sqrt(dr),
         gumbel, seed, *qr.stride(), *landmarks.stride(), *positions.stride(),
         TOPK=topk, KP=triton.next_power_of_2(topk), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(dr)), DOT_DTYPE=dot_dtype,
+        BLOCK_D=block_d, DOT_DTYPE=dot_dtype,
         PRECISION="tf32" if low else "ieee", GUMBEL=gumbel > 0, FINAL=final, IMAGES=LAUNCH["insert"] == "images",
-        EVEN_D=dr == max(16, triton.next_power_of_2(dr)),
+        EVEN_D=dr == block_d,
         num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
     )
     if final:
