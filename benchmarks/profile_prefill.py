@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 
 from benchmarks.common import parse_lengths
+from benchmarks.long_context import synchronize_time
 from benchmarks.profiling import top_ops
 from ramba import HSAHybrid
 
@@ -41,11 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     times = []
     for pos in range(0, length, args.segment):
         ids = torch.randint(0, vocab, (1, min(args.segment, length - pos)), device="cuda", generator=gen)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = synchronize_time()
         model(ids, cache=cache, logits_to_keep=1)
-        torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - start))
+        times.append(1000 * (synchronize_time() - start))
     quarters = [times[i * len(times) // 4:(i + 1) * len(times) // 4] for i in range(4)]
     print(f"{args.checkpoint}: {length:,} tokens in {sum(times) / 1000:.1f} s; median ms a segment of "
           f"{args.segment:,} by quarter: {', '.join(f'{statistics.median(q):.1f}' for q in quarters if q)}")
