@@ -4,7 +4,7 @@ the FLOP and byte counts, the argument checks, the exit without CUDA."""
 import pytest
 import torch
 
-from benchmarks import aggregate_tuning, profile_prefill, retrieve_tuning
+from benchmarks import aggregate_tuning, profile_prefill, retrieve_sass, retrieve_tuning
 from benchmarks.common import command_line
 from benchmarks.kernels import __main__ as kernels
 from benchmarks.kernels.aggregate import aggregate_bytes, aggregate_flops, causal_selection, random_weights
@@ -121,3 +121,25 @@ def test_command_line_names_the_module_and_its_arguments(monkeypatch):
         "python -m benchmarks.probe --lengths 4k --out x.md"
     monkeypatch.setattr("sys.argv", ["benchmarks/key_probe.py", "--prompts", "9"])
     assert command_line("key_probe", None) == "python -m benchmarks.key_probe --prompts 9"
+
+
+def test_retrieve_sass_splits_basic_blocks_at_labels_and_branches():
+    code = """
+        /*0000*/                   IMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28] ;
+        /*0010*/              @!P0 BRA `(.L_x_1) ;
+        /*0020*/                   LDGSTS.E.BYPASS.128 [R2], desc[UR4][R4.64] ;
+.L_x_1:
+        /*0030*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], RZ ;
+        /*0040*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0050*/                   EXIT ;
+"""
+    assert retrieve_sass.blocks(code) == [("entry", 2, ["branch"]), ("entry+", 1, ["async copy"]),
+                                          (".L_x_1", 3, ["mma", "barrier"])]
+
+
+def test_insertion_share_counts_the_tiles_that_can_change_a_top_k():
+    # while fewer than K chunks were seen, every tile enters; with K beyond the memory, all of them do
+    assert retrieve_sass.insertion_share(4, 640, 16, topk=640) == 1.0
+    share = retrieve_sass.insertion_share(64, 64 * 200, 16)
+    assert 1 / 200 <= share < 1.0
+    assert retrieve_sass.insertion_share(8, 64 * 200, 16) < share  # fewer rows a tile, fewer tiles enter
