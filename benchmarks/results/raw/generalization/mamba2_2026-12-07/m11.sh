@@ -26,6 +26,8 @@ fused.LAUNCH.update(json.loads(os.environ.get('LAUNCH') or '{}')); print('retrie
 sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__')" "$@"
 }
 passkeys_64m() {  # until $1 seconds have passed
+    if [ ! -f /tmp/pk64/results.jsonl ]; then  # resume from the prompts a previous machine finished
+        mkdir -p /tmp/pk64; cp "$(dirname "$0")/fresh/passkey_64m_seed103.jsonl" /tmp/pk64/results.jsonl; fi
     timeout "$1" bash -c "$(declare -f with_launch); with_launch benchmarks.passkey --checkpoint m9=$model \
         --lengths 64m --samples 4 --seed 103 --segment ${SEG:-65536} --out /tmp/pk64" 2>&1 | grep -E "^\||rror|LAUNCH"
     cp /tmp/pk64/results.jsonl "$out/passkey_64m_seed103.jsonl"; cp /tmp/pk64/summary.md "$out/" 2>/dev/null
