@@ -16,6 +16,9 @@
 # `PART=pool` under `timeout 200` (1M and 16M done, the niah_multikey_1 part cut) followed by `PART=64m` under
 # `timeout 330`, which stopped it before its copy (4 more 64M prompts, copied out by the next call); then the
 # passkey command of passkeys_64m alone under `timeout 265` (3 more): 11 prompts at 64M in all.
+# Then (2026-12-07, later session, one H100; the 11 prompts resumed from fresh/):
+#   LAUNCH='{"insert": "images"}' PART=64m SEG=1048576 bash ...m11.sh   (517 s: the other 9 prompts, 49.7 s each
+#   with the reworked kernel inserting images): 20 of 20 at 64M (fresh/passkey_64m_seed103.*).
 set -u
 out="${OUT:-out}"; mkdir -p "$out"
 source benchmarks/device_setup.sh
