@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue #22, multi-key needles for the Mamba2 hybrid (written 2026-12-07, not yet run). The SWA model learned
+# Issue #22, multi-key needles for the Mamba2 hybrid (2026-12-07; as run: once, as written, on one H100, 465 s;
+# results in generalization.md section 6, item 18; its outputs were not kept). The SWA model learned
 # them from haystacks made of keyed needles (generalization.md section 1, stages 3-5: 3000 + 1500 + 1400 steps);
 # here the same data from benchmarks/models/mamba2-passkey, two runs side by side on one GPU, both with the
 # auxiliary retrieval loss (W = 1: the weight on the asked needle's chunk, which is what multi-key needs):
