@@ -16,6 +16,9 @@
 # RULER niah_multikey_1 at 4K and 1M on prompt seed 1 (the choice, 10 prompts a length), then on fresh seed 2
 # (50 prompts at 1M, 20 at 4K), and pass keys at 1M on seed 2 (20). Outputs under $OUT: each stage's metrics,
 # the last stage's weights in bf16 (model-<stage>.safetensors, config beside) and the evaluation summaries (eval.md).
+# As run (one H100, 450 s): STAGES="mk2 mix mix5" EVAL=1 LIMIT_mk2=160 LIMIT_mix=110 LIMIT_mix5=80 bash ...m13.sh
+# (stage 3 cut at 1250 of its 3000 steps, stage 5 at 1000 of 1400): generalization.md section 6, item 19; outputs
+# but the weights in m13/ beside this script.
 set -u
 out="${OUT:-out}"; mkdir -p "$out" runs/m13
 [ -n "${DEVICE:-}" ] || source benchmarks/device_setup.sh  # DEVICE=cpu: a dry run here (with STEPS=4, LENGTHS=4k)
