@@ -13,8 +13,8 @@ from ramba import HSAHybrid, HSAHybridConfig
 from ramba.tokenizer import ByteTokenizer
 from ramba.training.config import DataSection, ModelSection, RunConfig, RunConfigError, load_run_config
 from ramba.training.data import task_examples
-from ramba.training.retrieval import span_targets
-from ramba.training.trainer import build_model, evaluate
+from ramba.training.retrieval import retrieval_target_loss, span_targets
+from ramba.training.trainer import build_model, evaluate, fact_targets, model_inputs
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TOK = ByteTokenizer()
@@ -60,6 +60,30 @@ def test_evaluate_reports_the_answer_accuracy_of_each_task():
     assert result["eval_answer_accuracy"] == pytest.approx(float(right.float().mean()))
     assert set(result) == {"eval_loss", "eval_answer_accuracy", "eval_answer_accuracy_passkey",
                            "eval_answer_accuracy_niah_single_1"}
+
+
+def test_evaluate_reports_the_retrieval_weight_on_the_facts_of_each_task():
+    """Each task's weight equals the weight on the facts of its rows evaluated alone; the pooled weight is the
+    mean over every asked position, so the per-task weights average to it by their positions."""
+    torch.manual_seed(0)
+    model = HSAHybrid(HSAHybridConfig.preset("tiny", n_lower_layers=1, n_upper_layers=1, hsa_every=1)).eval()
+    tasks = ["passkey", "niah_multikey_1"]
+    data = DataSection(source="tasks", seq_len=768, min_len=500, tasks=tasks)
+    rows = list(itertools.islice(task_examples(data, TOK, seed=11), 8))
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    assert set(batch["task"].tolist()) == {0, 1}
+    result = evaluate(model, [batch], torch.device("cpu"), tasks)
+    positions = {}
+    for task, name in enumerate(tasks):
+        alone = {k: v[batch["task"] == task] for k, v in batch.items()}
+        with torch.no_grad():
+            out = model(**model_inputs(alone), return_retrieval=True)
+        targets = fact_targets(alone, model.config.chunk_size)
+        want = retrieval_target_loss(out.retrieval, out.retrieval_weights, targets)[1].item()
+        assert result[f"eval_retrieval_weight_on_facts_{name}"] == pytest.approx(want, abs=1e-5)
+        positions[name] = int(targets.any(-1).sum())
+    pooled = sum(result[f"eval_retrieval_weight_on_facts_{n}"] * k for n, k in positions.items()) / sum(positions.values())
+    assert result["eval_retrieval_weight_on_facts"] == pytest.approx(pooled, abs=1e-5)
 
 
 def test_task_examples_put_the_loss_on_the_answer_only():

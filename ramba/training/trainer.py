@@ -111,10 +111,12 @@ def evaluate(model: HSAHybrid, held_out: list[dict[str, torch.Tensor]], device: 
     tokens right under greedy next-token prediction), and with rows marked by task (the tasks source; `tasks`
     names them) the answer accuracy of each task as eval_answer_accuracy_<task>; with needles marked (builtin)
     the retrieval hit rate; with the asked facts marked (tasks) and a model with HSA blocks, the mean retrieval
-    weight on their chunks at the answer's positions (eval_retrieval_weight_on_facts)."""
+    weight on their chunks at the answer's positions (eval_retrieval_weight_on_facts), and that of each task
+    as eval_retrieval_weight_on_facts_<task>."""
     model.eval()
     losses, correct, hits, on_facts = [], [], [], []
     per_task: dict[int, list[float]] = {}
+    task_weights: dict[int, list[tuple[float, int]]] = {}  # (mean weight, positions) per batch
     facts = getattr(model, "encoder", None) is not None  # a memory to weigh the asked facts' chunks in
     for batch in held_out:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -133,6 +135,12 @@ def evaluate(model: HSAHybrid, held_out: list[dict[str, torch.Tensor]], device: 
         if weigh:
             targets = fact_targets(batch, model.config.chunk_size)
             on_facts.append(retrieval_target_loss(out.retrieval, out.retrieval_weights, targets)[1].item())
+            for task in batch["task"].unique().tolist() if "task" in batch else ():
+                of_task = targets & (batch["task"] == task)[:, None, None]
+                positions = int(of_task.any(-1).sum())
+                if positions:
+                    weight = retrieval_target_loss(out.retrieval, out.retrieval_weights, of_task)[1].item()
+                    task_weights.setdefault(task, []).append((weight, positions))
     model.train()
     result = {"eval_loss": sum(losses) / len(losses)}
     if correct:
@@ -143,6 +151,9 @@ def evaluate(model: HSAHybrid, held_out: list[dict[str, torch.Tensor]], device: 
         result["eval_retrieval_hit"] = sum(hits) / len(hits)
     if on_facts:
         result["eval_retrieval_weight_on_facts"] = sum(on_facts) / len(on_facts)
+    for task, pairs in sorted(task_weights.items()):
+        name = tasks[task] if task < len(tasks) else task
+        result[f"eval_retrieval_weight_on_facts_{name}"] = sum(w * n for w, n in pairs) / sum(n for _, n in pairs)
     return result
 
 
