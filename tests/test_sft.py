@@ -82,7 +82,8 @@ def test_evaluate_reports_the_retrieval_weight_on_the_facts_of_each_task():
         want = retrieval_target_loss(out.retrieval, out.retrieval_weights, targets)[1].item()
         assert result[f"eval_retrieval_weight_on_facts_{name}"] == pytest.approx(want, abs=1e-5)
         positions[name] = int(targets.any(-1).sum())
-    pooled = sum(result[f"eval_retrieval_weight_on_facts_{n}"] * k for n, k in positions.items()) / sum(positions.values())
+    weighted = sum(result[f"eval_retrieval_weight_on_facts_{n}"] * k for n, k in positions.items())
+    pooled = weighted / sum(positions.values())
     assert result["eval_retrieval_weight_on_facts"] == pytest.approx(pooled, abs=1e-5)
 
 

@@ -43,29 +43,38 @@ def span_targets(spans: torch.Tensor, predicting: torch.Tensor, chunk_size: int)
     return predicting[:, :, None] & overlaps[:, None, :]
 
 
-def retrieval_target_loss(indices: list[torch.Tensor], weights: list[torch.Tensor],
-                          targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, mean weight on the targets) over the positions that have targets.
+def weight_on_targets(indices: list[torch.Tensor], weights: list[torch.Tensor],
+                      targets: torch.Tensor) -> torch.Tensor:
+    """float [B, L, N]: the retrieval weight that each of the N = HSA blocks x retrieval heads puts on the target
+    chunks at each position.
 
     indices, weights: one [B, L, Hr, K] each per HSA block (HSAOutput.retrieval, .retrieval_weights: the
     selected chunks, -1 for empty slots, and their weights); targets: bool [B, L, C], the chunks position t
-    should read. Positions without any target are left out; the loss is 0 (attached) when none has one.
+    should read.
     """
     if not indices or len(indices) != len(weights):
-        raise ValueError(f"retrieval_target_loss needs the selections of at least one HSA block (model(..., "
+        raise ValueError(f"the retrieval weight on targets needs the selections of at least one HSA block (model(..., "
                          f"return_retrieval=True)), got {len(indices)} index and {len(weights)} weight tensors")
     B, L, C = targets.shape
     if targets.dtype != torch.bool or any(i.shape[:2] != (B, L) for i in indices):
         raise ValueError(f"targets must be bool [B, L, C] with the selections' B, L = {tuple(indices[0].shape[:2])}, "
                          f"got {targets.dtype} {tuple(targets.shape)}")
-    asked = targets.any(-1)  # [B, L]
     on_target = []
     for chunk, weight in zip(indices, weights):
-        N, K = chunk.shape[2], chunk.shape[3]
-        flat = targets.unsqueeze(2).expand(B, L, N, C)
+        flat = targets.unsqueeze(2).expand(B, L, chunk.shape[2], C)
         hit = torch.gather(flat, 3, chunk.clamp(0, C - 1)) & (chunk >= 0) & (chunk < C)
-        on_target.append((weight.float() * hit).sum(-1)[asked])  # [P, Hr]
+        on_target.append((weight.float() * hit).sum(-1))  # [B, L, Hr]
+    return torch.cat(on_target, dim=-1)
+
+
+def retrieval_target_loss(indices: list[torch.Tensor], weights: list[torch.Tensor],
+                          targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, mean weight on the targets) over the positions that have targets (arguments as weight_on_targets).
+    Positions without any target are left out; the loss is 0 (attached) when none has one.
+    """
+    on_target = weight_on_targets(indices, weights, targets)
+    asked = targets.any(-1)  # [B, L]
     if not bool(asked.any()):
         return weights[0].sum() * 0.0, weights[0].new_zeros(())
-    w = torch.cat(on_target, dim=-1)
+    w = on_target[asked]
     return -torch.log(w.clamp_min(FLOOR)).mean(), w.mean().detach()

@@ -23,7 +23,7 @@ from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, read_
 from .config import RunConfig
 from .resume import check_resume, check_rng, check_shapes, claim_run_dir
 from .data import batches, sequences
-from .retrieval import retrieval_target_loss, span_targets
+from .retrieval import retrieval_target_loss, span_targets, weight_on_targets
 from .optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger("ramba.train")
@@ -116,7 +116,7 @@ def evaluate(model: HSAHybrid, held_out: list[dict[str, torch.Tensor]], device: 
     model.eval()
     losses, correct, hits, on_facts = [], [], [], []
     per_task: dict[int, list[float]] = {}
-    task_weights: dict[int, list[tuple[float, int]]] = {}  # (mean weight, positions) per batch
+    task_weights: dict[int, list[float]] = {}  # [sum of weights, positions x heads] per task
     facts = getattr(model, "encoder", None) is not None  # a memory to weigh the asked facts' chunks in
     for batch in held_out:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -134,13 +134,15 @@ def evaluate(model: HSAHybrid, held_out: list[dict[str, torch.Tensor]], device: 
             hits.append(retrieval_hits(out.retrieval, batch, model.config.chunk_size).item())
         if weigh:
             targets = fact_targets(batch, model.config.chunk_size)
-            on_facts.append(retrieval_target_loss(out.retrieval, out.retrieval_weights, targets)[1].item())
+            weight = weight_on_targets(out.retrieval, out.retrieval_weights, targets)  # [B, L, N]
+            asked = targets.any(-1)
+            on_facts.append(weight[asked].mean().item() if bool(asked.any()) else 0.0)
             for task in batch["task"].unique().tolist() if "task" in batch else ():
-                of_task = targets & (batch["task"] == task)[:, None, None]
-                positions = int(of_task.any(-1).sum())
-                if positions:
-                    weight = retrieval_target_loss(out.retrieval, out.retrieval_weights, of_task)[1].item()
-                    task_weights.setdefault(task, []).append((weight, positions))
+                of_task = weight[asked & (batch["task"] == task)[:, None]]
+                if of_task.numel():
+                    total = task_weights.setdefault(task, [0.0, 0])
+                    total[0] += of_task.sum().item()
+                    total[1] += of_task.numel()
     model.train()
     result = {"eval_loss": sum(losses) / len(losses)}
     if correct:
@@ -151,9 +153,8 @@ def evaluate(model: HSAHybrid, held_out: list[dict[str, torch.Tensor]], device: 
         result["eval_retrieval_hit"] = sum(hits) / len(hits)
     if on_facts:
         result["eval_retrieval_weight_on_facts"] = sum(on_facts) / len(on_facts)
-    for task, pairs in sorted(task_weights.items()):
-        name = tasks[task] if task < len(tasks) else task
-        result[f"eval_retrieval_weight_on_facts_{name}"] = sum(w * n for w, n in pairs) / sum(n for _, n in pairs)
+    for task, (total, count) in sorted(task_weights.items()):
+        result[f"eval_retrieval_weight_on_facts_{tasks[task] if task < len(tasks) else task}"] = total / count
     return result
 
 
