@@ -9,7 +9,7 @@ take more than --offload-above GiB of GPU memory. The cache reserves the whole m
 (`new_cache(..., max_tokens=)`), so the peak never holds an old and a doubled buffer together. The dense
 baseline is a transformer of the same width and depth with full causal attention (SDPA) and a KV cache, run
 at the lengths where it fits. With --static-decode, after the model-call decoding the same cache continues
-through `ramba.decoding.StaticDecoder` (CUDA graphs; not for an offloaded cache), timed the same way once both
+through `ramba.decoding.StaticDecoder` (CUDA graphs; an offloaded one read in place), timed the same way once both
 of its step variants are captured. --batch B runs B sequences of each length side by side (decode tokens/s =
 B / decode time).
 """
@@ -125,7 +125,7 @@ def run_hybrid(config: HSAHybridConfig, length: int, segment: int, decode_steps:
               + top_ops(lambda: model(ids, cache=cache, logits_to_keep=1), calls=1), flush=True)
         print(f"profile of {name} at {length:,} tokens, one decoded token:\n"
               + top_ops(lambda: model(token, cache=cache), calls=1), flush=True)
-    static_ms = static_decode_ms(model, cache, token, decode_steps) if static and not offload else None
+    static_ms = static_decode_ms(model, cache, token, decode_steps) if static else None
     note = "offload" if offload else ""
     return Result(name, length, prefill, decode, torch.cuda.max_memory_allocated() / 2**30, cpu_peak_gib(), note,
                   static_ms)

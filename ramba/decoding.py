@@ -8,7 +8,9 @@ max_new_tokens steps. Every row advances one token per step, so which rows compl
 follows from the fill read once at construction: a plain step, and a completing step that also encodes the
 pending chunks and appends them to the rows that a mask names. Each step only does fixed-shape tensor work
 (no device sync, no shape that depends on the data); on CUDA each of the two is captured in a CUDA graph after
-a warm-up on a side stream and then replayed, elsewhere the same step runs eagerly.
+a warm-up on a side stream and then replayed, elsewhere the same step runs eagerly. An offloaded cache (memory
+keys/values in pinned CPU memory) decodes too: on the GPU the aggregation kernel reads the selected chunks and
+the completed chunks are written there in place, inside the captured steps.
 """
 
 from __future__ import annotations
@@ -16,18 +18,17 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ramba.ops.aggregate import aggregate_decode
+from ramba.ops.aggregate import aggregate_decode, host_kv_unsupported
 from ramba.ops.retrieve import retrieve_decode
+from ramba.ops.utils import write_chunks
 
 from .cache import MAX_POSITION, HSACache
 from .documents import DocLayout
 from .layers.blocks import HSABlock
 from .layers.hsa import HSA, retrieval_weights
 from .layers.mamba2 import Mamba2State
-from .layers.rope import apply_rope, rope_angles
 from .layers.swa import SWARing, SWAState
 from .memory import ChunkMemory
 from .parallel.group import active
@@ -41,10 +42,12 @@ def unsupported(model: torch.nn.Module, cache: object) -> str | None:
         return "static decoding needs a model's own HSACache: make it with model.new_cache(batch_size)"
     if model.training:
         return "the model is in training mode: call model.eval() before static decoding"
-    if cache.offload:
-        return ("the cache keeps its memory keys/values in CPU memory (offload=True), which a static decoder cannot "
-                "read: make the cache with offload=False, or decode with model(token, cache=cache) "
-                "(generate(..., static_decode=False))")
+    if cache.offload and cache.device.type == "cuda" and model.encoder is not None:
+        why = host_kv_unsupported(model.config.head_dim, model.config.chunk_size, cache.dtype)
+        if why is not None:
+            return (f"the cache keeps its memory keys/values in CPU memory (offload=True), which only the Triton "
+                    f"kernels read from the GPU, and {why}: make the cache with offload=False, or decode with "
+                    "model(token, cache=cache) (generate(..., static_decode=False))")
     if cache.context_parallel is not None or active() is not None:
         return ("the cache is sharded across a context-parallel group: decode it under context_parallel(group) "
                 "with model(token, cache=cache) or ramba.parallel.generate_sharded")
@@ -209,15 +212,13 @@ class StaticDecoder:
     def _append(self, memory: ChunkMemory) -> None:
         """Write chunk memory (landmarks [B, 1, Hr, dr], k, v [B, S, H, D]) at slot count[b] of the rows in the
         mask, and count them."""
-        B, C = self.landmarks.shape[:2]
+        C = self.landmarks.shape[1]
         slot = self.count.clamp(max=C - 1)
         keep = self._mask[:, None, None]
         old = self.landmarks[self._rows, slot]
         self.landmarks[self._rows, slot] = torch.where(keep, memory.landmarks[:, 0].to(old.dtype), old)
-        for buffer, new in ((self.k, memory.k), (self.v, memory.v)):
-            chunks = buffer.view(B, C, -1, *buffer.shape[2:])
-            old = chunks[self._rows, slot]
-            chunks[self._rows, slot] = torch.where(keep[..., None], new.view(old.shape).to(old.dtype), old)
+        write_chunks(self.k, memory.k, slot, self._mask)
+        write_chunks(self.v, memory.v, slot, self._mask)
         self.count += self._mask
 
 

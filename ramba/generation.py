@@ -98,7 +98,8 @@ def generate(
     block read to predict it and their weights (an HSAHybrid only).
     static_decode: decode with a `ramba.decoding.StaticDecoder` (fixed-shape steps, captured in CUDA graphs on
     a GPU) instead of one model call per token; None (default) does so on CUDA whenever the cache allows it
-    (an HSAHybrid's cache, not offloaded, not sharded, without return_retrieval). True forces it (on CPU too,
+    (an HSAHybrid's cache, not sharded, without return_retrieval; an offloaded one where the Triton kernels
+    take the model's head dim and chunk size). True forces it (on CPU too,
     eagerly) and raises ValueError where it cannot run; False never uses it.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -115,9 +116,9 @@ def generate(
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if static_decode and (offload or return_retrieval):
-        raise ValueError("static_decode=True cannot decode with " + ("offload=True (the memory keys/values in CPU "
-                         "memory)" if offload else "return_retrieval=True") + ": leave static_decode unset or False")
+    if static_decode and return_retrieval:
+        raise ValueError("static_decode=True cannot decode with return_retrieval=True: leave static_decode unset or "
+                         "False")
     model.eval()
     B, L = input_ids.shape
     device = model_device(model)
@@ -133,8 +134,8 @@ def generate(
         raise ValueError(f"static_decode=True needs an HSAHybrid (its HSACache); {type(model).__name__} made a "
                          f"{type(cache).__name__}: leave static_decode unset or False")
     auto = static_decode is None
-    static = max_new_tokens > 1 and (static_decode or (auto and device.type == "cuda" and not offload
-                                                       and not return_retrieval and isinstance(cache, HSACache)))
+    static = max_new_tokens > 1 and (static_decode or (auto and device.type == "cuda" and not return_retrieval
+                                                       and isinstance(cache, HSACache)))
     if static:  # the decoder's memory, reserved before the prefill: it never grows (nor copies) later
         cache.store.reserve(-(-(L + max_new_tokens) // cache.config.chunk_size))
     segments = prefill_segments(L, segment_size, attention_mask)

@@ -1,6 +1,7 @@
 """Static decoding (ramba.decoding): every fixed-shape step gives the logits of the cached forward pass, over
 enough steps that chunks complete while decoding; its ops against the references; the caches it refuses;
-generate(static_decode=...); the captured CUDA graphs (on a GPU only)."""
+generate(static_decode=...); offloaded caches (memory keys/values in CPU memory); the captured CUDA graphs and
+the reads and writes of pinned CPU memory (on a GPU only)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ramba.ops.aggregate import aggregate_decode, aggregate_reference
 from ramba.ops.retrieve import retrieve_decode, retrieve_reference
 from ramba.ops.ssd import causal_conv1d_ref, causal_conv1d_step
 from ramba.ops.swa import swa_cached_reference, swa_decode
+from ramba.ops.utils import write_chunks, write_chunks_reference
 from ramba.parallel.group import ContextParallel
 from test_model import small_config
 
@@ -42,10 +44,10 @@ def model_for(variant: str) -> HSAHybrid:
     return MODELS[variant]
 
 
-def prefilled(model: HSAHybrid, ids: torch.Tensor, mask: torch.Tensor, cut: int, keep: int):
+def prefilled(model: HSAHybrid, ids: torch.Tensor, mask: torch.Tensor, cut: int, keep: int, offload: bool = False):
     """A cache after the prompt ids [B, L] (left padding where mask is 0) in two segments split at `cut`, the
     last with logits_to_keep=keep (0 leaves an all-SWA upper stack stale)."""
-    cache = model.new_cache(ids.shape[0])
+    cache = model.new_cache(ids.shape[0], offload=offload)
     with torch.no_grad():
         if 0 < cut < ids.shape[1]:
             model(ids[:, :cut], cache=cache, attention_mask=mask[:, :cut], logits_to_keep=0)
@@ -55,15 +57,17 @@ def prefilled(model: HSAHybrid, ids: torch.Tensor, mask: torch.Tensor, cut: int,
     return cache
 
 
-def assert_steps_match(model: HSAHybrid, lengths: list[int], cut: int, keep: int, seed: int, steps: int = STEPS):
+def assert_steps_match(model: HSAHybrid, lengths: list[int], cut: int, keep: int, seed: int, steps: int = STEPS,
+                       offload: bool = False):
     """Rows of the given prompt lengths (left-padded to the longest): the static step's logits equal the cached
-    forward pass's at every one of `steps` steps, within 1e-5 of the logits' scale (float32)."""
+    forward pass's at every one of `steps` steps, within 1e-5 of the logits' scale (float32). offload: both
+    caches keep their memory keys/values in CPU memory."""
     g = torch.Generator().manual_seed(seed)
     vocab, L = model.config.vocab_size, max(lengths)
     ids = torch.randint(0, vocab, (len(lengths), L + steps), generator=g)
     mask = torch.stack([(torch.arange(L) >= L - n).long() for n in lengths])
     cut = max(cut, L - min(lengths) + 1)  # padding only in the first segment
-    static, eager = (prefilled(model, ids[:, :L], mask, cut, keep) for _ in range(2))
+    static, eager = (prefilled(model, ids[:, :L], mask, cut, keep, offload) for _ in range(2))
     assert static.upper_stale == (keep == 0 and model.upper_all_swa)
     decoder = StaticDecoder(model, static, steps)
     for t in range(steps):
@@ -79,11 +83,17 @@ def assert_steps_match(model: HSAHybrid, lengths: list[int], cut: int, keep: int
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @settings(max_examples=2, deadline=None)
-@given(lengths=st.lists(st.integers(1, 60), min_size=1, max_size=3), cut=st.integers(0, 60), keep=st.sampled_from([0, 1]),
-       seed=st.integers(0, 2**31 - 1))
+@given(lengths=st.lists(st.integers(1, 60), min_size=1, max_size=3), cut=st.integers(0, 60),
+       keep=st.sampled_from([0, 1]), seed=st.integers(0, 2**31 - 1))
 @example(lengths=[1, 5, 40], cut=0, keep=0, seed=0)  # shorter than a chunk and than the window, left padding
 def test_static_steps_equal_the_cached_forward(variant, lengths, cut, keep, seed):
     assert_steps_match(model_for(variant), lengths, cut, keep, seed)
+
+
+@pytest.mark.parametrize("variant", ["swa", "options"])
+def test_static_steps_of_an_offloaded_cache(variant):
+    """offload=True: the decoder continues the store's CPU buffers (on a CPU-only machine the model's device)."""
+    assert_steps_match(model_for(variant), [33, 50], cut=20, keep=1, seed=8, steps=60, offload=True)
 
 
 def test_default_chunk_size_and_a_model_without_memory():
@@ -138,6 +148,47 @@ def test_aggregate_decode_equals_the_reference(batch, chunks, kv_heads, group, t
     torch.testing.assert_close(out, expected)
 
 
+@settings(max_examples=10, deadline=None)
+@given(batch=st.integers(1, 2), chunks=st.integers(1, 5), kv_heads=st.integers(1, 2), group=st.integers(1, 3),
+       topk=st.integers(1, 4), off_by_one=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       seed=st.integers(0, 2**31 - 1))
+def test_aggregate_decode_triton_equals_the_reference(batch, chunks, kv_heads, group, topk, off_by_one, dtype, seed):
+    """The Triton path (CPU interpreter here) at a shape its kernel takes (chunks of 32, head dim 32)."""
+    S, D, g = 32, 32, torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, 1, kv_heads * group, D, generator=g).to(dtype)
+    k, v = (torch.randn(batch, chunks * S, kv_heads, D, generator=g).to(dtype) for _ in range(2))
+    indices = torch.randint(-1, chunks, (batch, 1, kv_heads, topk), generator=g)
+    weights = torch.rand(batch, 1, kv_heads, topk, generator=g)
+    out = aggregate_decode(q[:, 0], k, v, indices[:, 0], weights[:, 0], S, D ** -0.5, off_by_one, backend="triton")
+    expected = aggregate_reference(q.double(), k.double(), v.double(), indices, weights.double(), S, D ** -0.5,
+                                   off_by_one)[:, 0]
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@settings(max_examples=20, deadline=None)
+@given(batch=st.integers(1, 3), chunks=st.integers(1, 4), heads=st.integers(1, 3), dim=st.sampled_from([4, 8, 24]),
+       size=st.sampled_from([1, 2, 16]), backend=st.sampled_from(["torch", "triton"]), seed=st.integers(0, 2**31 - 1))
+def test_write_chunks_writes_the_masked_rows_at_their_slots(batch, chunks, heads, dim, size, backend, seed):
+    """Rows in the mask get the chunk at their slot (clamped to the last), cast to the buffer's dtype; every
+    other value of the buffer stays as it was (compared with a copy written by plain indexing)."""
+    g = torch.Generator().manual_seed(seed)
+    buffer = torch.randn(batch, chunks * size, heads, dim, generator=g).bfloat16()
+    chunk = torch.randn(batch, size, heads, dim, generator=g)
+    slot = torch.randint(0, chunks + 2, (batch,), generator=g)
+    mask = torch.rand(batch, generator=g) < 0.6
+    expected = buffer.clone()
+    for b in range(batch):
+        if mask[b]:
+            at = min(int(slot[b]), chunks - 1)
+            expected[b, at * size:(at + 1) * size] = chunk[b].bfloat16()
+    write_chunks(buffer, chunk, slot, mask, backend=backend)
+    assert torch.equal(buffer, expected)
+    reference = expected.clone()
+    write_chunks_reference(reference, chunk, slot, mask)
+    assert torch.equal(reference, expected)
+
+
 @settings(max_examples=30, deadline=None)
 @given(batch=st.integers(1, 3), seen=st.integers(0, 20), window=st.integers(1, 12), group=st.integers(1, 2),
        seed=st.integers(0, 2**31 - 1))
@@ -168,11 +219,6 @@ def test_errors_name_the_fix():
     ids = torch.randint(0, 50, (2, 20))
     with pytest.raises(ValueError, match="prefill it first"):
         StaticDecoder(model, model.new_cache(2), 4)
-    offloaded = model.new_cache(2, offload=True)
-    with torch.no_grad():
-        model(ids, cache=offloaded)
-    with pytest.raises(ValueError, match="offload=False"):
-        StaticDecoder(model, offloaded, 4)
     cache = prefilled(model, ids, torch.ones_like(ids), 0, 1)
     with pytest.raises(ValueError, match="model.new_cache"):
         StaticDecoder(model_for("options"), cache, 4)
@@ -218,8 +264,6 @@ def test_generate_static_decode_gives_the_same_tokens(variant):
 def test_generate_refuses_static_decode_where_it_cannot_and_keeps_the_cpu_default(monkeypatch):
     model = model_for("swa")
     prompt = torch.randint(0, 50, (1, 20))
-    with pytest.raises(ValueError, match="offload=True"):
-        model.generate(prompt, 4, offload=True, static_decode=True)
     with pytest.raises(ValueError, match="return_retrieval=True"):
         model.generate(prompt, 4, return_retrieval=True, static_decode=True)
 
@@ -261,3 +305,62 @@ def test_captured_steps_equal_eager_steps_on_cuda(mixer, monkeypatch):
     assert torch.equal(model.generate(ids[:, :40], 50, attention_mask=mask, static_decode=None),
                        model.generate(ids[:, :40], 50, attention_mask=mask, static_decode=False))
     assert len(made) == 1 and made[0]._captured
+
+
+# ------------------------------------------------------------------------------------- pinned CPU memory (GPU)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_offloaded_cache_decodes_in_captured_steps_on_cuda():
+    """offload=True on a GPU: the captured steps read the memory keys/values from pinned CPU memory and write the
+    chunks completed while decoding there; logits equal the cached forward pass of an offloaded cache and of one
+    on the GPU, and the written chunks equal those the cached forward pass stored."""
+    torch.manual_seed(9)
+    model = HSAHybrid(small_config(head_dim=32, chunk_size=32, num_heads=4, num_kv_heads=2, topk=3,
+                                   initializer_range=0.2)).cuda().eval()
+    steps, g = 100, torch.Generator().manual_seed(10)
+    ids = torch.randint(0, 50, (2, 70 + steps), generator=g).cuda()
+    mask = torch.ones(2, 70, dtype=torch.long, device="cuda")
+    mask[0, :25] = 0
+    offloaded, eager, on_gpu = (prefilled(model, ids[:, :70], mask, 0, 1, offload) for offload in (True, True, False))
+    assert offloaded.store.k.device.type == "cpu" and offloaded.store.k.is_pinned()
+    decoder = StaticDecoder(model, offloaded, steps)
+    on_gpu = StaticDecoder(model, on_gpu, steps)
+    for t in range(steps):
+        token = ids[:, 70 + t]
+        with torch.no_grad():
+            expected = model(token[:, None], cache=eager).logits[:, -1]
+        got = decoder.step(token)
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4 * scale, msg=lambda m: f"step {t}: {m}")
+        torch.testing.assert_close(got, on_gpu.step(token), rtol=0, atol=1e-5 * scale)
+    assert decoder._captured and torch.equal(decoder.count, eager.store.count)
+    torch.cuda.synchronize()
+    chunks = int(eager.store.count.max()) * 32
+    torch.testing.assert_close(offloaded.store.k[:, :chunks], eager.store.k[:, :chunks], rtol=0, atol=1e-5)
+    torch.testing.assert_close(offloaded.store.v[:, :chunks], eager.store.v[:, :chunks], rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_ops_read_and_write_pinned_memory_on_cuda(dtype):
+    """aggregate_decode with k, v in pinned CPU memory equals it with k, v on the GPU; write_chunks into a
+    pinned buffer equals the reference on the GPU."""
+    g = torch.Generator().manual_seed(11)
+    B, C, S, H, G, D, K = 3, 40, 64, 2, 6, 64, 8
+    q = torch.randn(B, H * G, D, generator=g).to(dtype).cuda()
+    k, v = (torch.randn(B, C * S, H, D, generator=g).to(dtype).pin_memory() for _ in range(2))
+    indices = torch.randint(-1, C, (B, H, K), generator=g).cuda()
+    weights = torch.rand(B, H, K, generator=g).cuda()
+    out = aggregate_decode(q, k, v, indices, weights, S, D ** -0.5)
+    expected = aggregate_decode(q, k.cuda(), v.cuda(), indices, weights, S, D ** -0.5, backend="torch")
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-2)
+    with pytest.raises(RuntimeError, match="Triton backend"):
+        aggregate_decode(q, k, v, indices, weights, S, D ** -0.5, backend="torch")
+    with pytest.raises(ValueError, match="pinned"):
+        aggregate_decode(q, k.clone(), v.clone(), indices, weights, S, D ** -0.5)
+    chunk = torch.randn(B, S, H, D, generator=g).to(dtype).cuda()
+    slot, rows = torch.tensor([3, 0, 39]).cuda(), torch.tensor([True, False, True]).cuda()
+    expected = k.cuda()
+    write_chunks_reference(expected, chunk, slot, rows)
+    write_chunks(k, chunk, slot, rows)
+    torch.cuda.synchronize()
+    assert torch.equal(k.cuda(), expected)

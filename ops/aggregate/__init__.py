@@ -8,10 +8,10 @@ import torch
 
 from ..backends import pick
 
-from .decode import aggregate_decode
+from .decode import aggregate_decode, host_kv_unsupported
 from .naive import aggregate_dense, aggregate_reference
 
-__all__ = ["aggregate_decode", "aggregate_dense", "aggregate_reference", "hsa_aggregate"]
+__all__ = ["aggregate_decode", "aggregate_dense", "aggregate_reference", "hsa_aggregate", "host_kv_unsupported"]
 
 # with a memory of at most this many times the K*S selected tokens, the dense formulation is the faster one
 DENSE_RATIO = 4

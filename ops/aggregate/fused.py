@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .naive import aggregate_reference
 
-__all__ = ["aggregate_triton", "route_pairs", "split_segments", "unsupported"]
+__all__ = ["aggregate_triton", "forward", "route_pairs", "split_segments", "unsupported"]
 
 HEAD_DIMS = (32, 64, 128)
 CHUNK_SIZES = (32, 64, 128)
@@ -202,8 +202,11 @@ def _dkdv_kernel(Q, K, V, DO, W, LSE, R, PAIRS, SEGS, DK, DV,
 
 
 def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
-                weights: torch.Tensor, chunk_size: int) -> Exception | None:
-    """The error the Triton path would raise for these (shape-checked) inputs, or None when it takes them."""
+                weights: torch.Tensor, chunk_size: int, host_kv: bool = False) -> Exception | None:
+    """The error the Triton path would raise for these (shape-checked) inputs, or None when it takes them.
+
+    host_kv: k and v may lie in pinned CPU memory while the rest is on the GPU (the forward kernel alone reads
+    them so)."""
     if q.shape[-1] not in HEAD_DIMS:
         return ValueError(f"aggregate_triton: head dim {q.shape[-1]} is not supported (supported: {HEAD_DIMS})")
     if chunk_size not in CHUNK_SIZES:
@@ -213,7 +216,11 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torc
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
     if indices.dtype not in (torch.int32, torch.int64):
         return TypeError(f"aggregate_triton: indices must be int32 or int64, got {indices.dtype}")
-    devices = {t.device for t in (q, k, v, indices, weights)}
+    in_host = host_kv and q.device.type == "cuda" and k.device.type == v.device.type == "cpu"
+    if in_host and not (k.is_pinned() and v.is_pinned()):
+        return ValueError("aggregate_triton: k and v in CPU memory must be pinned (torch.empty(..., pin_memory=True)) "
+                          "for the GPU to read them")
+    devices = {t.device for t in ((q, indices, weights) if in_host else (q, k, v, indices, weights))}
     if len(devices) > 1:
         return ValueError(f"aggregate_triton: all inputs must be on one device, got {sorted(map(str, devices))}")
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -304,23 +311,33 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+            chunk_size: int, scale: float, off_by_one: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward kernel alone: o [B, L, HQ, D] in q's dtype and the log-sum-exps [B, L, HQ, K] (float32), on
+    q's device. Inputs as `aggregate_triton` takes them after its checks (last dims contiguous, float32
+    weights); k and v may also lie in pinned CPU memory when q is on the GPU, which the kernel then reads in
+    place (only the selected chunks cross the bus)."""
+    B, L, HQ, D = q.shape
+    H, K = k.shape[2], indices.shape[-1]
+    G = HQ // H
+    BG = _head_block(G)
+    o = torch.empty(B, L, HQ, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, L, HQ, K, dtype=torch.float32, device=q.device)
+    grid = (L, B * H, triton.cdiv(G, BG))
+    _fwd_kernel[grid](q, k, v, indices, weights, o, lse,
+                      q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                      v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+                      L, H, G, k.shape[1] // chunk_size, K, scale * LOG2E,
+                      S=chunk_size, D=D, BG=BG, OFF_BY_ONE=off_by_one, **_dot_flags(q),
+                      **_launch("fwd", BG, chunk_size, D, q.dtype))
+    return o, lse
+
+
 class _Aggregate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
                 weights: torch.Tensor, chunk_size: int, scale: float, off_by_one: bool) -> torch.Tensor:
-        B, L, HQ, D = q.shape
-        H, K = k.shape[2], indices.shape[-1]
-        G = HQ // H
-        BG = _head_block(G)
-        o = torch.empty(B, L, HQ, D, dtype=q.dtype, device=q.device)
-        lse = torch.empty(B, L, HQ, K, dtype=torch.float32, device=q.device)
-        grid = (L, B * H, triton.cdiv(G, BG))
-        _fwd_kernel[grid](q, k, v, indices, weights, o, lse,
-                          q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                          v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-                          L, H, G, k.shape[1] // chunk_size, K, scale * LOG2E,
-                          S=chunk_size, D=D, BG=BG, OFF_BY_ONE=off_by_one, **_dot_flags(q),
-                          **_launch("fwd", BG, chunk_size, D, q.dtype))
+        o, lse = forward(q, k, v, indices, weights, chunk_size, scale, off_by_one)
         ctx.save_for_backward(q, k, v, indices, weights, lse)
         ctx.chunk_size, ctx.scale = chunk_size, scale
         return o
