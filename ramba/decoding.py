@@ -43,7 +43,9 @@ def unsupported(model: torch.nn.Module, cache: object) -> str | None:
     if model.training:
         return "the model is in training mode: call model.eval() before static decoding"
     if cache.offload and cache.device.type == "cuda" and model.encoder is not None:
-        why = host_kv_unsupported(model.config.head_dim, model.config.chunk_size, cache.dtype)
+        cfg = model.config
+        why = "ops_backend is 'torch'" if cfg.ops_backend == "torch" else \
+            host_kv_unsupported(cfg.head_dim, cfg.chunk_size, cache.dtype)
         if why is not None:
             return (f"the cache keeps its memory keys/values in CPU memory (offload=True), which only the Triton "
                     f"kernels read from the GPU, and {why}: make the cache with offload=False, or decode with "
@@ -190,14 +192,14 @@ class StaticDecoder:
         qr = hsa.qr_proj(x).view(B, cfg.num_retrieval_heads, cfg.retrieval_dim)
         window = cfg.window if cfg.retrieve_beyond_window else None
         indices, scores = retrieve_decode(qr, self.landmarks, self.count, self.positions, cfg.topk,
-                                          cfg.chunk_size, window)
+                                          cfg.chunk_size, window, cfg.ops_backend)
         weights = retrieval_weights(scores, indices, cfg.retrieval_weights)
         if cfg.num_retrieval_heads != cfg.num_kv_heads:  # one shared retrieval head serves every kv head
             indices = indices.expand(-1, cfg.num_kv_heads, -1)
             weights = weights.expand(-1, cfg.num_kv_heads, -1)
         q = hsa.q_proj(x).view(B, cfg.num_heads, cfg.head_dim)
         o = aggregate_decode(q, self.k, self.v, indices, weights, cfg.chunk_size, 1.0 / math.sqrt(cfg.head_dim),
-                             cfg.softmax_off_by_one)
+                             cfg.softmax_off_by_one, cfg.ops_backend)
         return hsa.o_proj(o.reshape(B, cfg.num_heads * cfg.head_dim))
 
     def _remember(self, h: Tensor, completing: bool) -> None:

@@ -128,6 +128,27 @@ def test_retrieve_decode_selects_as_the_reference(batch, chunks, heads, topk, wi
     torch.testing.assert_close(scores, ref_scores[:, 0])
 
 
+@settings(max_examples=15, deadline=None)
+@given(batch=st.integers(1, 3), chunks=st.integers(1, 40), heads=st.integers(1, 2), topk=st.integers(1, 9),
+       window=st.sampled_from([None, 16, 40]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       seed=st.integers(0, 2**31 - 1))
+def test_retrieve_decode_triton_selects_as_the_torch_path(batch, chunks, heads, topk, window, dtype, seed):
+    """The Triton path (CPU interpreter here) against the PyTorch one: counts below and at what the positions
+    see, slots past count holding NaN; scores of bf16 inputs within rounding, the same chunks (random scores
+    have no near ties)."""
+    S, g = 16, torch.Generator().manual_seed(seed)
+    qr = torch.randn(batch, heads, 8, generator=g).to(dtype)
+    landmarks = torch.randn(batch, chunks, heads, 8, generator=g).to(dtype)
+    count = torch.randint(0, chunks + 1, (batch,), generator=g)
+    positions = count * S + torch.randint(-3 * S, 2 * S, (batch,), generator=g)  # some see fewer, some more
+    positions = positions.clamp(min=0)
+    landmarks = landmarks.masked_fill((torch.arange(chunks)[None] >= count[:, None])[..., None, None], float("nan"))
+    indices, scores = retrieve_decode(qr, landmarks, count, positions, topk, S, window, backend="triton")
+    expected, expected_scores = retrieve_decode(qr, landmarks, count, positions, topk, S, window, backend="torch")
+    assert torch.equal(indices, expected)
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+
+
 @settings(max_examples=30, deadline=None)
 @given(batch=st.integers(1, 3), chunks=st.integers(1, 6), kv_heads=st.integers(1, 2), group=st.integers(1, 3),
        topk=st.integers(1, 4), off_by_one=st.booleans(), seed=st.integers(0, 2**31 - 1))

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from benchmarks.kernels.harness import (DEVICE, DTYPE, TOL, Bench, Cell, D, K, Runner, S, dtype_name, fmt, generator,
                                         inference, log, pair, percent, ratio, rel_err, table, time_fwd_bwd, tokens)
-from benchmarks.kernels.retrieve import retrieval_case
+from benchmarks.kernels.retrieve import DR, retrieval_case
 from ramba.ops import hsa_aggregate
-from ramba.ops.aggregate import aggregate_reference
-from ramba.ops.retrieve import visible_chunks
+from ramba.ops.aggregate import aggregate_decode, aggregate_reference
+from ramba.ops.retrieve import retrieve_decode, visible_chunks
 
 THIRDPARTY = Path(__file__).resolve().parents[2] / ".thirdparty"
 INDEX_BYTES, WEIGHT_BYTES = 8, 4  # int64 indices, float32 weights
@@ -225,6 +225,37 @@ def decode_aggregate(bench: Bench, B: int, C: int, gen: torch.Generator) -> dict
             for name, backend in (("ours", "triton"), ("reference", "torch"))}
 
 
+def static_decode_ops(bench: Bench, B: int, C: int, gen: torch.Generator,
+                      pinned: bool) -> dict[str, dict[str, tuple[Cell, Cell]]]:
+    """The static decoder's ops (retrieve_decode over a full landmark buffer, then aggregate_decode), Triton
+    ("ours") and PyTorch ("reference"); with `pinned`, also the aggregation reading k, v from pinned CPU memory."""
+    count = torch.full((B,), C, device=DEVICE)
+    positions = count * S
+
+    def retrieve(backend: str) -> Callable[[], object]:
+        qr = torch.randn(B, 1, DR, generator=gen, device=DEVICE).to(DTYPE)
+        landmarks = torch.randn(B, C, 1, DR, generator=gen, device=DEVICE).to(DTYPE)
+        return lambda: retrieve_decode(qr, landmarks, count, positions, K, S, backend=backend)
+
+    def aggregate(backend: str, host: bool = False) -> Callable[[], object]:
+        q = torch.randn(B, 16, D, generator=gen, device=DEVICE).to(DTYPE)
+        k, v = (torch.randn(B, C * S, 1, D, generator=gen, device=DEVICE).to(DTYPE) for _ in range(2))
+        if host:
+            k, v = k.cpu().pin_memory(), v.cpu().pin_memory()
+        indices = causal_selection(positions[:, None], 1, K, S, C, gen)[:, 0]
+        weights = random_weights(indices, gen)
+        return lambda: aggregate_decode(q, k, v, indices, weights, S, D ** -0.5, backend=backend)
+
+    result = {op: {name: inference(bench, f"static {op} {name} B={B} C={C}", lambda: make(backend))
+                   for name, backend in (("ours", "triton"), ("reference", "torch"))}
+              for op, make in (("retrieve_decode", retrieve), ("aggregate_decode", aggregate))}
+    if pinned:
+        result["aggregate_decode, k/v in pinned CPU memory"] = {
+            "ours": inference(bench, f"static aggregate pinned B={B} C={C}", lambda: aggregate("triton", True)),
+            "reference": ("n/a", "n/a")}
+    return result
+
+
 DECODE_CHUNKS = [1 << 14, 1 << 20]  # 1M and 64M tokens of history
 
 
@@ -234,12 +265,17 @@ def decode_section(bench: Bench, quick: bool) -> str:
         for B in (1, 8):
             log(f"decode B={B} history={tokens(C * S)}")
             gen = generator(B * C)
-            for op, r in (("retrieve", retrieval_case(bench, B, 1, C, gen, True)),
-                          ("aggregate", decode_aggregate(bench, B, C, gen))):
+            ops = {"retrieve": retrieval_case(bench, B, 1, C, gen, True),
+                   "aggregate": decode_aggregate(bench, B, C, gen),
+                   **static_decode_ops(bench, B, C, gen, pinned=B == 1)}
+            for op, r in ops.items():
                 rows.append([op, str(B), tokens(C * S), fmt(r["ours"][0]), fmt(r["reference"][0]),
                              ratio(r["reference"][0], r["ours"][0]), fmt(r["ours"][1]), fmt(r["reference"][1])])
     header = ["op", "B", "history tokens", "ours ms", "reference ms", "speed-up", "ours peak GB", "reference peak GB"]
-    return f"## Decoding (1 query token per sequence, HQ=16, H=1, {dtype_name(DTYPE)})\n\n" + table(header, rows)
+    return (f"## Decoding (1 query token per sequence, HQ=16, H=1, {dtype_name(DTYPE)})\n\n"
+            "retrieve, aggregate: hsa_retrieve and hsa_aggregate with L = 1; retrieve_decode, aggregate_decode: the "
+            "static decoder's fixed-shape ops over the whole buffer (Triton, against their PyTorch path).\n\n"
+            + table(header, rows))
 
 
 AGG_CHECKS = [(2, 2048, 16, 1, torch.bfloat16, False), (1, 1024, 32, 2, torch.bfloat16, True),
