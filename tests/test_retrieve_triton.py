@@ -277,6 +277,20 @@ def test_every_tuning_setting_gives_the_reference_selection(block_m, block_n, in
     assert torch.equal(indices, want_idx) and torch.equal(scores, want_scores)
 
 
+def test_insert_auto_takes_images_only_for_long_memories(monkeypatch):
+    """LAUNCH["insert"] = "auto" (the default) inserts through score images from IMAGES_FROM chunks on, where
+    the sweep timed them faster, and through 64-bit keys below; a forced form holds at every length."""
+    assert fused.LAUNCH["insert"] == "auto"
+    assert not fused._images(fused.IMAGES_FROM - 1) and fused._images(fused.IMAGES_FROM)
+    monkeypatch.setitem(fused.LAUNCH, "insert", "keys")
+    assert not fused._images(fused.IMAGES_FROM * 4)
+    monkeypatch.setitem(fused.LAUNCH, "insert", "images")
+    assert fused._images(1)
+    monkeypatch.setitem(fused.LAUNCH, "insert", "bits")
+    with pytest.raises(ValueError, match="'keys', 'images' or 'auto'"):
+        fused._images(64)
+
+
 @pytest.mark.parametrize("S,window,splits", [(1, None, None), (2, 8, None), (1, None, 3)])
 def test_rows_of_one_block_that_see_different_tiles(S, window, splits):
     """Queries of one block whose visible chunks end in different tiles: whole tiles are scanned without

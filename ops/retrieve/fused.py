@@ -28,9 +28,12 @@ SMALL_MEMORY = 4096  # chunks: at most this many landmarks (1 MB at dr=128 in bf
 MAX_DIM = 256
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # launch settings for a long memory (chunks streamed from HBM), swept by benchmarks.retrieve_tuning; "insert":
-# how a tile's passing scores enter the running top-k, as 64-bit (score, chunk) keys or with 32-bit work on
-# the tile's score images ("images", not yet timed on a GPU)
-LAUNCH: dict[str, int | str] = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "insert": "keys"}
+# how a tile's passing scores enter the running top-k, as 64-bit (score, chunk) keys, with 32-bit work on the
+# tile's score images ("images": cheaper tiles, dearer insertions), or "auto": images from IMAGES_FROM chunks on,
+# where insertions are rare (on an H100, images took 0.89x the time of keys at 4K queries x 1M chunks and 0.92x
+# at 64K x 256K chunks, but 4.7x at 4K x 64 chunks: benchmarks/results/retrieve_tuning.md, run 3)
+LAUNCH: dict[str, int | str] = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "insert": "auto"}
+IMAGES_FROM = 1 << 18  # chunks (16M tokens of 64): the smallest memory at which "images" was timed faster
 EMPTY_HIGH = -(2**31)  # high half of every empty or masked key: the image of no non-NaN float
 _EMPTY_HIGH = tl.constexpr(EMPTY_HIGH)
 
@@ -251,6 +254,14 @@ def plan(B: int, L: int, Hr: int, C: int, topk: int, device: torch.device,
     return block_m, block_n, per_split
 
 
+def _images(num_chunks: int) -> bool:
+    """Whether the kernel inserts through score images for a memory of num_chunks (LAUNCH["insert"])."""
+    insert = LAUNCH["insert"]
+    if insert not in ("keys", "images", "auto"):
+        raise ValueError(f"retrieve: LAUNCH['insert'] must be 'keys', 'images' or 'auto', got {insert!r}")
+    return insert == "images" or (insert == "auto" and num_chunks >= IMAGES_FROM)
+
+
 def _select(qr: torch.Tensor, landmarks: torch.Tensor, topk: int, positions: torch.Tensor, chunk_size: int,
             window: int | None, gumbel: float, splits: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Indices [B, L, Hr, K] of the top-k visible chunks, most recent first, -1 (empty) last, and their scores
@@ -275,7 +286,7 @@ def _select(qr: torch.Tensor, landmarks: torch.Tensor, topk: int, positions: tor
         gumbel, seed, *qr.stride(), *landmarks.stride(), *positions.stride(),
         TOPK=topk, KP=triton.next_power_of_2(topk), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=block_d, DOT_DTYPE=dot_dtype,
-        PRECISION="tf32" if low else "ieee", GUMBEL=gumbel > 0, FINAL=final, IMAGES=LAUNCH["insert"] == "images",
+        PRECISION="tf32" if low else "ieee", GUMBEL=gumbel > 0, FINAL=final, IMAGES=_images(C),
         EVEN_D=dr == block_d,
         num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
     )
