@@ -79,7 +79,8 @@ def build(module, source: Path, out: Path, *extra: str) -> tuple[list[dict], lis
 def test_build_from_extracted_folder(tmp_path) -> None:
     module = corpus_module()
     fake_package(tmp_path / "debs")
-    train, val = build(module, tmp_path / "debs", tmp_path / "a", "--validation-fraction", "0.25", "--seed", "3")
+    train, val = build(module, tmp_path / "debs", tmp_path / "a", "--validation-fraction", "0.25", "--seed", "3",
+                       "--validation-longest", "0")
     docs = train + val
     paths = [d["path"] for d in docs]
     assert len(docs) == 40 and len(set(paths)) == 40  # 38 text files, gz, html; the duplicate dropped
@@ -97,15 +98,35 @@ def test_build_from_extracted_folder(tmp_path) -> None:
     sources = (tmp_path / "a" / "SOURCES.md").read_text()
     assert re.search(r"\| fakedoc \| 1\.2-3 \| 40 \(30 / 10\) \| [\d,]+ \| CC0-1\.0 \|", sources)
     # deterministic for a seed, another split for another seed
-    train2, val2 = build(module, tmp_path / "debs", tmp_path / "b", "--validation-fraction", "0.25", "--seed", "3")
+    train2, val2 = build(module, tmp_path / "debs", tmp_path / "b", "--validation-fraction", "0.25", "--seed", "3",
+                         "--validation-longest", "0")
     assert (train2, val2) == (train, val)
-    _, val3 = build(module, tmp_path / "debs", tmp_path / "c", "--validation-fraction", "0.25", "--seed", "4")
+    _, val3 = build(module, tmp_path / "debs", tmp_path / "c", "--validation-fraction", "0.25", "--seed", "4",
+                    "--validation-longest", "0")
     assert {d["path"] for d in val3} != {d["path"] for d in val}
     # a byte cap and a document cap
     train4, val4 = build(module, tmp_path / "debs", tmp_path / "d", "--validation-fraction", "0.25",
                          "--max-bytes", "20000", "--max-doc-bytes", "900")
     size = sum(len(p.read_bytes()) for p in (tmp_path / "d").glob("*.jsonl"))
     assert size <= 20000 and val4 and train4 and max(len(d["text"].encode()) for d in train4 + val4) <= 900
+
+
+def test_validation_holds_out_the_longest_documents(tmp_path) -> None:
+    """--validation-longest N: the N longest documents (by bytes) are held out beside the random fraction."""
+    module = corpus_module()
+    fake_package(tmp_path / "debs")
+    train, val = build(module, tmp_path / "debs", tmp_path / "a", "--validation-fraction", "0.25",
+                       "--validation-longest", "2")
+    docs = train + val
+    longest = sorted(docs, key=lambda d: -len(d["text"].encode()))[:2]
+    assert len(docs) == 40 and len(val) == 12  # 2 longest + round(0.25 * 40)
+    assert all(d in val for d in longest)
+    assert max(len(d["text"].encode()) for d in train) <= min(len(d["text"].encode()) for d in longest)
+    _, only = build(module, tmp_path / "debs", tmp_path / "b", "--validation-fraction", "0",
+                    "--validation-longest", "1")
+    assert only == longest[:1]
+    with pytest.raises(SystemExit):
+        build(module, tmp_path / "debs", tmp_path / "c", "--validation-longest", "-1")
 
 
 @pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
@@ -117,7 +138,8 @@ def test_build_from_deb_file(tmp_path) -> None:
     (tmp_path / "debs").mkdir()
     subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(root), str(tmp_path / "debs" / "fakedeb.deb")],
                    check=True, capture_output=True)
-    train, val = build(corpus_module(), tmp_path / "debs", tmp_path / "out", "--validation-fraction", "0.2")
+    train, val = build(corpus_module(), tmp_path / "debs", tmp_path / "out", "--validation-fraction", "0.2",
+                       "--validation-longest", "0")
     assert len(train) + len(val) == 6 and len(val) == 1
     assert "| fakedeb | 2.0-1 | 6 (5 / 1) |" in (tmp_path / "out" / "SOURCES.md").read_text()
 

@@ -1,7 +1,7 @@
 r"""A real-text corpus of English prose and technical text built from Debian packages.
 
 python recipes/data/debian_corpus.py --out data/debian-corpus [--packages a,b,c] [--validation-fraction 0.05] \
-    [--seed 0] [--from-debs DIR] [--cache DIR] [--max-bytes N] [--max-doc-bytes N]
+    [--validation-longest 2] [--seed 0] [--from-debs DIR] [--cache DIR] [--max-bytes N] [--max-doc-bytes N]
 
 The packages' .deb files are fetched with `apt-get download` into a cache folder (or taken from --from-debs:
 a folder of .deb files and/or folders of already-extracted packages, named PKG or PKG_VERSION...), extracted
@@ -10,9 +10,11 @@ into text with the standard library's html.parser), one document per file; the K
 bible-kjv-text (a compressed database read with the `bible` program of bible-kjv) gives one document per book.
 Binaries, images, PDFs, code, changelogs and copyright files are skipped. Texts are lightly normalised
 (line ends, trailing spaces, runs of blank lines), de-duplicated, and split into train and validation BY
-DOCUMENT with the seed. Written to OUT: train.jsonl and validation.jsonl (one {"text", "source", "path"} per
-line, readable as a training source: data.source=OUT/train.jsonl, data.text_field=text) and SOURCES.md
-(package, version, documents, bytes and licence, the License: lines of its copyright file).
+DOCUMENT with the seed (--validation-longest N also holds out the N longest documents, for loss by context
+position far beyond the training length: benchmarks.perplexity). Written to OUT: train.jsonl and
+validation.jsonl (one {"text", "source", "path"} per line, readable as a training source:
+data.source=OUT/train.jsonl, data.text_field=text) and SOURCES.md (package, version, documents, bytes and
+licence, the License: lines of its copyright file).
 
 --max-bytes caps the output (documents are taken in the shuffled order while they fit; the validation split
 gets its fraction of the cap) and --max-doc-bytes cuts longer documents at a paragraph break: that is how the
@@ -42,7 +44,7 @@ log = logging.getLogger("debian_corpus")
 # Free-licence packages of Debian 12 (main): scripture, a hacker lexicon, a satirical dictionary, GNU and
 # Debian manuals, the Python documentation.
 DEFAULT_PACKAGES = ("bible-kjv-text", "jargon-text", "dict-devil", "gnu-standards", "bash-doc",
-                    "debian-reference-en", "developers-reference", "python3.11-doc")
+                    "debian-reference-en", "developers-reference", "python3.11-doc", "dict-foldoc")
 HELPERS = {"bible-kjv-text": ("bible-kjv",)}  # packages needed to read another one, not corpus sources
 TEXT_SUFFIXES = {".txt", ".text", ".dict", ".rst", ".md", ""}
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
@@ -383,15 +385,20 @@ def cut(text: str, limit: int) -> str:
     return head.rstrip() + "\n"
 
 
-def split(documents: list[Document], fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
-    """Train and validation documents: round(fraction * n) documents (at least one when fraction > 0 and there
-    are two or more) drawn with the seed go to validation; both lists in the shuffled order."""
+def split(documents: list[Document], fraction: float, seed: int,
+          longest: int = 0) -> tuple[list[Document], list[Document]]:
+    """Train and validation documents: the `longest` longest documents (by bytes) and round(fraction * n) of the
+    others drawn with the seed (at least one when fraction > 0 and there are two or more) go to validation, as
+    long as one document stays for training; both lists in the shuffled order."""
     order = list(range(len(documents)))
     random.Random(seed).shuffle(order)
+    by_length = sorted(order, key=lambda i: -len(documents[i].text.encode("utf-8")))
+    held = set(by_length[:min(longest, len(documents) - 1)])
+    rest = [i for i in order if i not in held]
     n_val = round(fraction * len(documents))
     if fraction > 0 and len(documents) > 1:
-        n_val = min(max(1, n_val), len(documents) - 1)
-    val = set(order[:n_val])
+        n_val = max(1, n_val)
+    val = held | set(rest[:max(0, min(n_val, len(documents) - 1 - len(held)))])
     return ([documents[i] for i in order if i not in val], [documents[i] for i in order if i in val])
 
 
@@ -433,6 +440,8 @@ def build(args: argparse.Namespace) -> dict:
     """Build the corpus; returns its statistics."""
     if not 0.0 <= args.validation_fraction < 1.0:
         raise CorpusError(f"--validation-fraction must lie in [0, 1), got {args.validation_fraction}")
+    if args.validation_longest < 0:
+        raise CorpusError(f"--validation-longest must be >= 0, got {args.validation_longest}")
     out = Path(args.out)
     cache = Path(args.cache) if args.cache else out.parent / (out.name + "-cache")
     packages, helpers = gather(args, cache)
@@ -456,7 +465,7 @@ def build(args: argparse.Namespace) -> dict:
             log.warning("%s gave no documents", package.name)
     if not documents:
         raise CorpusError("no documents found in the packages")
-    train, val = split(documents, args.validation_fraction, args.seed)
+    train, val = split(documents, args.validation_fraction, args.seed, args.validation_longest)
     if args.max_bytes:
         val_budget = int(args.max_bytes * args.validation_fraction)
         val = cap(val, val_budget)
@@ -481,6 +490,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--packages", help=f"comma-separated Debian packages (default: {','.join(DEFAULT_PACKAGES)};"
                                            " with --from-debs: every package found there)")
     parser.add_argument("--validation-fraction", type=float, default=0.05, help="fraction of documents held out")
+    parser.add_argument("--validation-longest", type=int, default=2,
+                        help="also hold out this many of the longest documents (long-context evaluation; with the "
+                             "default packages: FOLDOC, 5.6 MB, and the Jargon File, 1.6 MB)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
     parser.add_argument("--from-debs", help="a folder of downloaded .deb files and/or extracted package folders "
                                             "(no apt-get needed)")
