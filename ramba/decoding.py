@@ -214,13 +214,8 @@ class StaticDecoder:
     def _append(self, memory: ChunkMemory) -> None:
         """Write chunk memory (landmarks [B, 1, Hr, dr], k, v [B, S, H, D]) at slot count[b] of the rows in the
         mask, and count them."""
-        C = self.landmarks.shape[1]
-        slot = self.count.clamp(max=C - 1)
-        keep = self._mask[:, None, None]
-        old = self.landmarks[self._rows, slot]
-        self.landmarks[self._rows, slot] = torch.where(keep, memory.landmarks[:, 0].to(old.dtype), old)
-        write_chunks(self.k, memory.k, slot, self._mask)
-        write_chunks(self.v, memory.v, slot, self._mask)
+        for buffer, new in ((self.landmarks, memory.landmarks), (self.k, memory.k), (self.v, memory.v)):
+            write_chunks(buffer, new, self.count, self._mask)  # slots past the capacity clamp to the last
         self.count += self._mask
 
 

@@ -99,8 +99,8 @@ def generate(
     static_decode: decode with a `ramba.decoding.StaticDecoder` (fixed-shape steps, captured in CUDA graphs on
     a GPU) instead of one model call per token; None (default) does so on CUDA whenever the cache allows it
     (an HSAHybrid's cache, not sharded, without return_retrieval; an offloaded one where the Triton kernels
-    take the model's head dim and chunk size). True forces it (on CPU too,
-    eagerly) and raises ValueError where it cannot run; False never uses it.
+    take the model's head dim and chunk size). True forces it (on CPU too, eagerly) and raises ValueError where
+    it cannot run; False never uses it.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, length] with length >= 1, got {tuple(input_ids.shape)}")

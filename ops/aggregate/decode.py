@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..backends import pick, unusable
 
+
 def host_kv_unsupported(head_dim: int, chunk_size: int, dtype: torch.dtype) -> str | None:
     """Why aggregate_decode on the GPU cannot read keys/values of this shape from pinned CPU memory, or None."""
     why = unusable("ops", "triton")
@@ -20,10 +21,8 @@ def host_kv_unsupported(head_dim: int, chunk_size: int, dtype: torch.dtype) -> s
         return f"triton {why}"
     from . import fused
 
-    if head_dim not in fused.HEAD_DIMS or chunk_size not in fused.CHUNK_SIZES or dtype not in fused.DTYPES:
-        return (f"its kernel takes head dims {fused.HEAD_DIMS}, chunk sizes {fused.CHUNK_SIZES} and float16, "
-                f"bfloat16 or float32, not head dim {head_dim}, chunk size {chunk_size} in {dtype}")
-    return None
+    err = fused.shape_unsupported(head_dim, chunk_size, dtype)
+    return None if err is None else str(err)
 
 
 def aggregate_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
@@ -48,7 +47,7 @@ def aggregate_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
         err = fused.unsupported(q1, k, v, idx, w, chunk_size, host_kv=True)
         if err is None:
             q1, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q1, k, v))
-            return fused.forward(q1, k, v, idx, w, chunk_size, float(scale), bool(softmax_off_by_one))[0][:, 0]
+            return fused.run_forward(q1, k, v, idx, w, chunk_size, float(scale), bool(softmax_off_by_one))[0][:, 0]
         if backend == "triton" or host_kv:
             raise err
     if host_kv:

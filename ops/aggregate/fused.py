@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .naive import aggregate_reference
 
-__all__ = ["aggregate_triton", "forward", "route_pairs", "split_segments", "unsupported"]
+__all__ = ["aggregate_triton", "route_pairs", "run_forward", "shape_unsupported", "split_segments", "unsupported"]
 
 HEAD_DIMS = (32, 64, 128)
 CHUNK_SIZES = (32, 64, 128)
@@ -201,19 +201,28 @@ def _dkdv_kernel(Q, K, V, DO, W, LSE, R, PAIRS, SEGS, DK, DV,
     tl.atomic_add(DV + out, dv, mask=has_pairs)
 
 
+def shape_unsupported(head_dim: int, chunk_size: int, *dtypes: torch.dtype) -> Exception | None:
+    """The error the kernels would raise for this head dim, chunk size and dtypes (of q, k, v), or None when they
+    take them."""
+    if head_dim not in HEAD_DIMS:
+        return ValueError(f"aggregate_triton: head dim {head_dim} is not supported (supported: {HEAD_DIMS})")
+    if chunk_size not in CHUNK_SIZES:
+        return ValueError(f"aggregate_triton: chunk_size {chunk_size} is not supported (supported: {CHUNK_SIZES})")
+    if dtypes[0] not in DTYPES or len(set(dtypes)) > 1:
+        return TypeError(f"aggregate_triton: q, k, v must share one dtype among float16, bfloat16, float32, got "
+                         f"{', '.join(map(str, dtypes))}")
+    return None
+
+
 def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
                 weights: torch.Tensor, chunk_size: int, host_kv: bool = False) -> Exception | None:
     """The error the Triton path would raise for these (shape-checked) inputs, or None when it takes them.
 
     host_kv: k and v may lie in pinned CPU memory while the rest is on the GPU (the forward kernel alone reads
     them so)."""
-    if q.shape[-1] not in HEAD_DIMS:
-        return ValueError(f"aggregate_triton: head dim {q.shape[-1]} is not supported (supported: {HEAD_DIMS})")
-    if chunk_size not in CHUNK_SIZES:
-        return ValueError(f"aggregate_triton: chunk_size {chunk_size} is not supported (supported: {CHUNK_SIZES})")
-    if q.dtype not in DTYPES or not q.dtype == k.dtype == v.dtype:
-        return TypeError(f"aggregate_triton: q, k, v must share one dtype among float16, bfloat16, float32, got "
-                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    err = shape_unsupported(q.shape[-1], chunk_size, q.dtype, k.dtype, v.dtype)
+    if err is not None:
+        return err
     if indices.dtype not in (torch.int32, torch.int64):
         return TypeError(f"aggregate_triton: indices must be int32 or int64, got {indices.dtype}")
     in_host = host_kv and q.device.type == "cuda" and k.device.type == v.device.type == "cpu"
@@ -311,8 +320,8 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-            chunk_size: int, scale: float, off_by_one: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                chunk_size: int, scale: float, off_by_one: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward kernel alone: o [B, L, HQ, D] in q's dtype and the log-sum-exps [B, L, HQ, K] (float32), on
     q's device. Inputs as `aggregate_triton` takes them after its checks (last dims contiguous, float32
     weights); k and v may also lie in pinned CPU memory when q is on the GPU, which the kernel then reads in
@@ -337,7 +346,7 @@ class _Aggregate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
                 weights: torch.Tensor, chunk_size: int, scale: float, off_by_one: bool) -> torch.Tensor:
-        o, lse = forward(q, k, v, indices, weights, chunk_size, scale, off_by_one)
+        o, lse = run_forward(q, k, v, indices, weights, chunk_size, scale, off_by_one)
         ctx.save_for_backward(q, k, v, indices, weights, lse)
         ctx.chunk_size, ctx.scale = chunk_size, scale
         return o
