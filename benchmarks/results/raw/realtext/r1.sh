@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# Issue #26, first call (written 2026-12-07, not yet run): the small model of each kind pre-trained side by side
-# on the Debian corpus at 4K (recipes/configs/realtext-small.yaml, byte tokens): "hsa" (the preset) and "mixer"
-# (use_hsa=false, the mixer-only baseline on the same tokens), each for LIMIT seconds; then held-out loss by
-# context position on the two longest validation documents (FOLDOC, 5.6M tokens; the Jargon File, 1.6M) through
-# the cache, both models. Still to build for the issue: a dense baseline trained by the recipe.
+# Issue #26, first call (written 2026-12-07): the small model of each kind pre-trained side by side on the Debian
+# corpus at 4K (recipes/configs/realtext-small.yaml, byte tokens), each for LIMIT seconds:
+#   hsa    the preset (the Mamba2 hybrid with HSA)
+#   mixer  use_hsa=false: the mixer-only baseline on the same tokens
+#   dense  use_hsa=false, local_mixer=swa, window=65536: full causal attention up to 64K tokens (a dense
+#          transformer of the same width and depth; at the 4K training length its window is never reached)
+# then held-out loss by context position on the two longest validation documents (FOLDOC, 5.6M tokens; the
+# Jargon File, 1.6M) through the cache: hsa and mixer to MAXTOK tokens (default 4m), dense to DENSE_MAXTOK
+# (default 128k: its cost grows with the square of the length up to its window).
 # Here first (the corpus is 26 MB: only its xz form fits the device's carry beside the repository):
 #   python recipes/data/debian_corpus.py --out data/debian-corpus
 #   mkdir -p data/corpus-xz && xz -9 -T2 -c data/debian-corpus/train.jsonl > data/corpus-xz/train.jsonl.xz \
 #       && xz -9 -T2 -c data/debian-corpus/validation.jsonl > data/corpus-xz/validation.jsonl.xz
 # Then from the repository root on the device machine (carry .wheels/slim.tar.xz and data/corpus-xz):
 #   bash benchmarks/results/raw/realtext/r1.sh
-# LIMIT (training seconds, default 420), RUNS (subset of "hsa mixer"), STEPS; a dry run here (39 s on 2 cores):
-#   DEVICE=cpu STEPS=2 MAXTOK=2k EXTRA="data.seq_len=256 train.batch_size=1 model.preset=tiny train.eval_every=1
+# LIMIT (training seconds, default 400), RUNS (subset of "hsa mixer dense"), STEPS; a dry run here:
+#   DEVICE=cpu STEPS=2 MAXTOK=2k DENSE_MAXTOK=2k EXTRA="data.seq_len=256 train.batch_size=1 model.preset=tiny train.eval_every=1
 #   train.save_every=1" bash benchmarks/results/raw/realtext/r1.sh
-# Outputs under $OUT: each run's metrics, the perplexity table and plot.
+# Outputs under $OUT: each run's metrics, the perplexity tables and plots (perplexity-4m.*, perplexity-dense.*).
 set -u
 out="${OUT:-out}"; mkdir -p "$out" runs/r1 data/debian-corpus
 [ -n "${DEVICE:-}" ] || source benchmarks/device_setup.sh
@@ -23,25 +27,35 @@ for split in train validation; do
 done
 start=$SECONDS
 train() {  # name overrides
-    timeout "${LIMIT:-420}" python3 recipes/pretrain.py --config recipes/configs/realtext-small.yaml \
+    timeout "${LIMIT:-400}" python3 recipes/pretrain.py --config recipes/configs/realtext-small.yaml \
         train.output_dir="runs/r1/$1" ${STEPS:+train.steps=$STEPS} $2 ${EXTRA:-} > "runs/r1/$1.log" 2>&1
     python3 recipes/export.py "runs/r1/$1" "runs/r1/$1-model" --dtype bfloat16 > /dev/null 2>&1 \
         || { echo "$1: no checkpoint"; tail -5 "runs/r1/$1.log"; }
 }
-for name in ${RUNS:-hsa mixer}; do
-    case $name in hsa) extra="" ;; mixer) extra="model.overrides.use_hsa=false" ;; *) echo "unknown run $name"; exit 2 ;; esac
+runs="${RUNS:-hsa mixer dense}"
+for name in $runs; do
+    case $name in
+    hsa) extra="" ;;
+    mixer) extra="model.overrides.use_hsa=false" ;;
+    dense) extra="model.overrides.use_hsa=false model.overrides.local_mixer=swa model.overrides.window=65536" ;;
+    *) echo "unknown run $name"; exit 2 ;;
+    esac
     train "$name" "$extra" &
 done
 wait
 echo "training: $((SECONDS - start)) s"
-checkpoints=""
-for name in ${RUNS:-hsa mixer}; do
+long=""; short=""
+for name in $runs; do
     [ -f "runs/r1/$name-model/model.safetensors" ] || continue
     grep -h '"eval_loss"' "runs/r1/$name/metrics.jsonl" | tail -1 | cut -c1-300
     cp "runs/r1/$name/metrics.jsonl" "$out/$name-metrics.jsonl"
-    checkpoints="${checkpoints:+$checkpoints,}$name=runs/r1/$name-model"
+    if [ "$name" = dense ]; then short="dense=runs/r1/dense-model"; else long="${long:+$long,}$name=runs/r1/$name-model"; fi
 done
-timeout 150 python3 -m benchmarks.perplexity --checkpoints "$checkpoints" --data data/debian-corpus/validation.jsonl \
-    --max-docs 2 --max-tokens "${MAXTOK:-16m}" --buckets 1k,4k,16k,64k,256k,1m,4m --segment 65536 $dev \
-    --out "$out/perplexity.md" --plot "$out/perplexity.png" 2>&1 | grep -E "^\||rror"
+perplexity() {  # checkpoints max-tokens buckets name
+    timeout 120 python3 -m benchmarks.perplexity --checkpoints "$1" --data data/debian-corpus/validation.jsonl \
+        --max-docs 2 --max-tokens "$2" --buckets "$3" --segment 65536 $dev \
+        --out "$out/perplexity-$4.md" --plot "$out/perplexity-$4.png" 2>&1 | grep -E "^\||rror"
+}
+[ -n "$long" ] && perplexity "$long" "${MAXTOK:-4m}" 1k,4k,16k,64k,256k,1m 4m
+[ -n "$short" ] && perplexity "$short" "${DENSE_MAXTOK:-128k}" 1k,4k,16k,64k dense
 echo "total: $((SECONDS - start)) s"
