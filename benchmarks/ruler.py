@@ -31,7 +31,7 @@ from benchmarks.common import BenchmarkError, parse_depths, parse_lengths
 from benchmarks.runner import add_common_args, main_guard, run
 from ramba.data.tasks import Key, Sample, check_haystack, encode_prompt, make_sample as task_sample, sample_rng
 from ramba.data.tasks import ruler_qa
-from ramba.data.tasks.ruler import NIAH, TASKS as SYNTHETIC, answer_budget, match_all, match_part, niah
+from ramba.data.tasks.ruler import NIAH, TASKS as SYNTHETIC, answer_budget, match_all, match_part
 from ramba.tokenizer import Tokenizer
 
 TASKS = {**SYNTHETIC, **ruler_qa.TASKS}
@@ -120,11 +120,9 @@ def make_sample(key: Key, tokenizer: Tokenizer, seed: int = 0, files: dict[tuple
         return _file_sample(files[key.task, key.length], key.index, tokenizer)
     if key.task not in TASKS:
         raise BenchmarkError(f"unknown RULER task {key.task!r}; known: {', '.join(TASKS)}")
-    if haystack is not None and key.task in NIAH:
-        return niah(key.task, sample_rng(seed, key), tokenizer, key.length, key.depth, haystack)
     if qa_data_dir is not None and key.task in ruler_qa.TASKS:
         return ruler_qa.sample(key.task, sample_rng(seed, key), tokenizer, key.length, key.depth, qa_data_dir)
-    return task_sample(key, tokenizer, seed)
+    return task_sample(key, tokenizer, seed, haystack)
 
 
 def keys(tasks: list[str], lengths: list[int], depths: list[float] | None, samples: int,

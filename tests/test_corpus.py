@@ -2,6 +2,7 @@
 
 import gzip
 import importlib.util
+import itertools
 import json
 import re
 import shutil
@@ -18,8 +19,8 @@ from ramba.data.tasks import Key, TaskError, check_haystack, passkey, sample_rng
 from ramba.data.tasks.passkey import NEEDLE, QUESTION
 from ramba.data.tasks.ruler import NIAH
 from ramba.tokenizer import ByteTokenizer
-from ramba.training.config import DataSection
-from ramba.training.data import corpus_documents
+from ramba.training.config import DataSection, RunConfig, RunConfigError
+from ramba.training.data import corpus_documents, task_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "recipes" / "data" / "sample"
@@ -217,3 +218,35 @@ def test_text_haystack_errors_and_benchmarks(tmp_path) -> None:
     table = passkey_bench.main(common + ["--haystack", kind, "--lengths", "1k", "--depths", "0.5",
                                          "--samples", "1"])
     assert "100" in table
+
+
+def test_fine_tuning_examples_in_corpus_text(tmp_path) -> None:
+    """data.haystack puts corpus text around passkey's and the niah tasks' needles; vt keeps its noise."""
+    kind = f"text:{SAMPLE / 'validation.jsonl'}"
+    corpus = corpus_text(SAMPLE / "validation.jsonl")
+    tasks = ["passkey", "niah_single_1", "vt"]
+    data = DataSection(source="tasks", tasks=tasks, seq_len=900, min_len=500, haystack=kind)
+    rows = list(itertools.islice(task_examples(data, TOK, seed=2), 12))
+    assert {int(r["task"]) for r in rows} == {0, 1, 2}
+    for row in rows:
+        text = TOK.decode(row["input_ids"][row["labels"] == -100].tolist())
+        noise = "The sky is clear and the sea is calm." in text
+        words = re.sub(r"\s+", " ", text).split(" ")
+        starts = range(0, len(words) - 8, 8)  # runs of 8 words (skipped sentences with digits break some)
+        in_corpus = sum(" ".join(words[i:i + 8]) in corpus for i in starts)
+        if tasks[int(row["task"])] == "vt":
+            assert noise and in_corpus == 0
+        else:
+            assert not noise and in_corpus >= max(3, len(starts) // 4)
+    plain = DataSection(source="tasks", tasks=tasks, seq_len=900, min_len=500)
+    assert not next(task_examples(plain, TOK, seed=2))["input_ids"].equal(rows[0]["input_ids"])
+
+
+def test_fine_tuning_haystack_errors(tmp_path) -> None:
+    def config(**data) -> RunConfig:
+        return RunConfig(data=DataSection(**data))
+    with pytest.raises(RunConfigError, match="data.haystack: .*no such file"):
+        config(source="tasks", haystack=f"text:{tmp_path / 'missing.jsonl'}").validate()
+    with pytest.raises(RunConfigError, match="data.haystack applies to data.source=tasks"):
+        config(source=str(SAMPLE / "train.jsonl"), haystack="essay").validate()
+    config(source="tasks", haystack=f"text:{SAMPLE / 'train.jsonl'}").validate()

@@ -152,6 +152,14 @@ def test_every_config_field_is_checked_by_name(key, data, in_yaml):
     good.validate()
 
 
+def test_mixed_precision_no_unquoted_and_haystack_type():
+    """YAML reads `no` as false: train.mixed_precision=no still means no mixed precision."""
+    assert load_run_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(RunConfigError, match=r"data\.haystack must be of type"):
+        load_run_config(None, ["data.source=tasks", "data.haystack=[essay]"])
+    assert load_run_config(None, ["data.source=tasks", "data.haystack=essay"]).data.haystack == "essay"
+
+
 def test_list_items_are_checked():
     with pytest.raises(RunConfigError, match=r"train.betas\[1\] must be of type float"):
         load_run_config(None, ["train.betas=[0.9, high]"])

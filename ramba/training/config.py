@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from ramba.data.tasks import TaskError, check_haystack
+
 
 class RunConfigError(ValueError):
     """A run configuration key is unknown or has a value of the wrong type."""
@@ -34,6 +36,9 @@ class DataSection:
                                                       "qa1", "qa2"])
     min_len: int = 256  # "tasks": prompt lengths are drawn between min_len and seq_len
     loss: str = "answer"  # "tasks": the loss on the answer only, or on "all" tokens (prompt and answer)
+    # "tasks": the haystack of passkey and the niah tasks (ramba.data.tasks.HAYSTACK_TASKS): noise, essay or
+    # text:PATH (sentences of a corpus .jsonl or .txt, such as data/debian-corpus/train.jsonl); None: each task's own
+    haystack: str | None = None
     tokenizer: str = "byte"  # "byte" or a Hugging Face tokenizer name or local path
     seq_len: int = 1024
     text_field: str = "text"
@@ -119,6 +124,13 @@ class RunConfig:
         if t.retrieval_loss and t.context_parallel > 1:
             raise RunConfigError("train.retrieval_loss is not supported with train.context_parallel > 1: turn one "
                                  "of them off")
+        if d.haystack is not None:
+            if d.source != "tasks":
+                raise RunConfigError(f"data.haystack applies to data.source=tasks (got {d.source!r}): remove it")
+            try:
+                check_haystack(d.haystack)
+            except TaskError as err:
+                raise RunConfigError(f"data.haystack: {err}") from None
         if d.loss not in ("answer", "all"):
             raise RunConfigError(f"data.loss must be answer or all, got {d.loss!r}")
         empty = [k for k, v in {"model.preset": self.model.preset, "data.source": d.source, "data.tasks": d.tasks,
@@ -153,6 +165,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         hint = next(o for o in options if o is not type(None))
         origin = typing.get_origin(hint)
     expected = origin or hint
+    if key == "train.mixed_precision" and value is False:  # YAML 1.1 reads an unquoted `no` as false
+        return "no"
     if expected is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:  # YAML 1.1 reads 1e-3 as a string
             value = float(value)

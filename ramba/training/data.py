@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..data.synthetic import synthetic_examples
-from ..data.tasks import TASKS, TaskError
+from ..data.tasks import TASKS, TaskError, draw
 from ..tokenizer import Tokenizer
 from .config import DataSection
 from .retrieval import asked_spans
@@ -83,7 +83,8 @@ def pack(documents: Iterator[list[int]], seq_len: int, eos_id: int) -> Iterator[
 
 def task_examples(data: DataSection, tokenizer: Tokenizer, seed: int) -> Iterator[dict[str, torch.Tensor]]:
     """Fine-tuning examples: a random task of data.tasks at a random prompt length in [min_len, seq_len),
-    followed by its answer and eos, right-padded to seq_len. Only the answer and eos carry labels, or with
+    followed by its answer and eos, right-padded to seq_len; data.haystack replaces the haystack of the tasks
+    that take one (`ramba.data.tasks.draw`). Only the answer and eos carry labels, or with
     data.loss == "all" every token but the padding.
 
     Yields input_ids, labels [seq_len], answer_mask (bool [seq_len], the answer tokens), task (a 0-d long:
@@ -100,7 +101,7 @@ def task_examples(data: DataSection, tokenizer: Tokenizer, seed: int) -> Iterato
         task = rng.choice(data.tasks)
         length = rng.randint(data.min_len, max(data.min_len, fits[task] - 1))
         try:
-            sample = TASKS[task](rng, tokenizer, length)
+            sample = draw(task, rng, tokenizer, length, haystack=data.haystack)
         except TaskError:  # too short for this task: draw again (lengths near seq_len will fit)
             continue
         answer = tokenizer.encode(sample.target) + [tokenizer.eos_id]

@@ -11,6 +11,9 @@ Every task is a function of one signature, `TaskFn`:
   all lie at random depths (vt, cwe, fwe, qa1..qa5) do not use it; qa_1 and qa_2 put their answer document
   there.
 
+`draw(task, rng, tokenizer, length, depth, haystack)` calls a task with another haystack where it takes one:
+passkey and the niah tasks whose haystack is text (HAYSTACK_TASKS); "text:PATH" puts a corpus there.
+
 A Sample holds prompt_ids (int32 [length]), target (the ideal continuation), references (what scoring looks
 for), max_new_tokens and the token offset of each inserted fact. `score(task, output, references)` is in
 [0, 1]; it is 1 for the target.
@@ -23,6 +26,7 @@ registry) and `passkey` make the built-in pre-training mixture (ramba.data.synth
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 from ramba.tokenizer import Tokenizer
@@ -38,6 +42,8 @@ SCORES: dict[str, Callable[[str, list[str]], float]] = {
     **dict.fromkeys(babilong.TASKS, babilong.score),
     **dict.fromkeys(ruler_qa.TASKS, ruler.match_part),
 }
+# tasks whose haystack is text that another haystack can replace (niah_multikey_2/_3's are distractor needles)
+HAYSTACK_TASKS = frozenset(["passkey", *(name for name, spec in ruler.NIAH.items() if spec.haystack != "needles")])
 
 
 def _known(task: str) -> None:
@@ -45,10 +51,19 @@ def _known(task: str) -> None:
         raise TaskError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
 
-def make_sample(key: Key, tokenizer: Tokenizer, seed: int = 0) -> Sample:
-    """The sample of (seed, key): TASKS[key.task] at key.length and key.depth, drawn from sample_rng(seed, key)."""
-    _known(key.task)
-    return TASKS[key.task](sample_rng(seed, key), tokenizer, key.length, key.depth)
+def draw(task: str, rng: random.Random, tokenizer: Tokenizer, length: int, depth: float | None = None,
+         haystack: str | None = None) -> Sample:
+    """TASKS[task](rng, tokenizer, length, depth); `haystack` (noise, essay or text:PATH: check_haystack) replaces
+    the haystack of the HAYSTACK_TASKS, while the other tasks keep their own."""
+    _known(task)
+    if haystack is not None and task in HAYSTACK_TASKS:
+        return TASKS[task](rng, tokenizer, length, depth, haystack=haystack)
+    return TASKS[task](rng, tokenizer, length, depth)
+
+
+def make_sample(key: Key, tokenizer: Tokenizer, seed: int = 0, haystack: str | None = None) -> Sample:
+    """The sample of (seed, key): `draw` at key.length and key.depth, from sample_rng(seed, key)."""
+    return draw(key.task, sample_rng(seed, key), tokenizer, key.length, key.depth, haystack)
 
 
 def score(task: str, output: str, references: list[str]) -> float:
@@ -57,5 +72,5 @@ def score(task: str, output: str, references: list[str]) -> float:
     return SCORES[task](output, references)
 
 
-__all__ = ["HAYSTACKS", "SCORES", "TASKS", "Key", "Prompt", "Sample", "TaskError", "TaskFn", "build_prompt",
-           "check_haystack", "encode_prompt", "make_sample", "sample_rng", "score"]
+__all__ = ["HAYSTACKS", "HAYSTACK_TASKS", "SCORES", "TASKS", "Key", "Prompt", "Sample", "TaskError", "TaskFn",
+           "build_prompt", "check_haystack", "draw", "encode_prompt", "make_sample", "sample_rng", "score"]
