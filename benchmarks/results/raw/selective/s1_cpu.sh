@@ -16,7 +16,13 @@ for w in ${RUNS:-1 0}; do
         data.eval_sequences=64 train.output_dir="runs/s1cpu/w$w" > "runs/s1cpu/w$w.log" 2>&1
     cp "runs/s1cpu/w$w/metrics.jsonl" "$out/w$w-metrics.jsonl"
 done
-for m in base=benchmarks/models/swa-multikey w1=runs/s1cpu/w1/final w0=runs/s1cpu/w0/final; do
+# w1b: w1 continued for 600 more steps with the loss (a fresh schedule and data seed 1), after the two runs
+python recipes/sft.py --config recipes/configs/generalization-stage3.yaml model.checkpoint=runs/s1cpu/w1/final \
+    data.seq_len=1024 data.min_len=768 train.batch_size=8 train.lr=3e-4 train.retrieval_loss=1 train.steps=600 \
+    train.eval_every=100 train.save_every=100 data.eval_sequences=64 train.seed=1 train.output_dir=runs/s1cpu/w1b \
+    > runs/s1cpu/w1b.log 2>&1
+cp runs/s1cpu/w1b/metrics.jsonl "$out/w1b-metrics.jsonl"
+for m in base=benchmarks/models/swa-multikey w1=runs/s1cpu/w1/final w0=runs/s1cpu/w0/final w1b=runs/s1cpu/w1b/final; do
     name=${m%%=*}
     python -m benchmarks.probe --checkpoint "${m#*=}" --task niah_multikey_2 --lengths 4k --samples 20 --seed 3 \
         --device cpu --out "$out/probe-$name.md" > /dev/null 2>&1
