@@ -245,8 +245,13 @@ def test_fine_tuning_examples_in_corpus_text(tmp_path) -> None:
 def test_fine_tuning_haystack_errors(tmp_path) -> None:
     def config(**data) -> RunConfig:
         return RunConfig(data=DataSection(**data))
-    with pytest.raises(RunConfigError, match="data.haystack: .*no such file"):
-        config(source="tasks", haystack=f"text:{tmp_path / 'missing.jsonl'}").validate()
+    missing = config(source="tasks", haystack=f"text:{tmp_path / 'missing.jsonl'}")
+    missing.validate()  # a file made later (a corpus built on the training machine) is looked for at the start
+    with pytest.raises(ValueError, match="data.haystack: .*no such file"):
+        next(task_examples(missing.data, TOK, seed=0))
+    for bad in ("poetry", "text:"):
+        with pytest.raises(RunConfigError, match="data.haystack must be noise, essay or text:PATH"):
+            config(source="tasks", haystack=bad).validate()
     with pytest.raises(RunConfigError, match="data.haystack applies to data.source=tasks"):
         config(source=str(SAMPLE / "train.jsonl"), haystack="essay").validate()
     config(source="tasks", haystack=f"text:{SAMPLE / 'train.jsonl'}").validate()

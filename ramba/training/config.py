@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from ramba.data.tasks import TaskError, check_haystack
+from ramba.data.tasks import HAYSTACKS
+from ramba.data.tasks.prompt import TEXT_PREFIX
 
 
 class RunConfigError(ValueError):
@@ -127,10 +128,10 @@ class RunConfig:
         if d.haystack is not None:
             if d.source != "tasks":
                 raise RunConfigError(f"data.haystack applies to data.source=tasks (got {d.source!r}): remove it")
-            try:
-                check_haystack(d.haystack)
-            except TaskError as err:
-                raise RunConfigError(f"data.haystack: {err}") from None
+            text_path = d.haystack.startswith(TEXT_PREFIX) and d.haystack[len(TEXT_PREFIX):]
+            if d.haystack not in HAYSTACKS and not text_path:
+                raise RunConfigError(f"data.haystack must be {', '.join(HAYSTACKS)} or {TEXT_PREFIX}PATH, got "
+                                     f"{d.haystack!r}")
         if d.loss not in ("answer", "all"):
             raise RunConfigError(f"data.loss must be answer or all, got {d.loss!r}")
         empty = [k for k, v in {"model.preset": self.model.preset, "data.source": d.source, "data.tasks": d.tasks,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..data.synthetic import synthetic_examples
-from ..data.tasks import TASKS, TaskError, draw
+from ..data.tasks import TASKS, TaskError, check_haystack, draw
 from ..tokenizer import Tokenizer
 from .config import DataSection
 from .retrieval import asked_spans
@@ -95,6 +95,11 @@ def task_examples(data: DataSection, tokenizer: Tokenizer, seed: int) -> Iterato
         raise ValueError(f"data.tasks: unknown {unknown or 'empty list'}; known tasks: {', '.join(TASKS)}")
     if not 16 <= data.min_len < data.seq_len:
         raise ValueError(f"data.min_len must lie in [16, data.seq_len={data.seq_len}), got {data.min_len}")
+    if data.haystack is not None:
+        try:
+            check_haystack(data.haystack)
+        except TaskError as err:
+            raise ValueError(f"data.haystack: {err}") from None
     rng = random.Random(seed)
     fits = {task: data.seq_len for task in data.tasks}  # the longest prompt that left room for the answer so far
     while True:
