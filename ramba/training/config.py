@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from ramba.data.tasks import HAYSTACKS
+from ramba.data.tasks import HAYSTACKS, TaskError, check_haystack
 from ramba.data.tasks.prompt import TEXT_PREFIX
 
 
@@ -128,10 +128,11 @@ class RunConfig:
         if d.haystack is not None:
             if d.source != "tasks":
                 raise RunConfigError(f"data.haystack applies to data.source=tasks (got {d.source!r}): remove it")
-            text_path = d.haystack.startswith(TEXT_PREFIX) and d.haystack[len(TEXT_PREFIX):]
-            if d.haystack not in HAYSTACKS and not text_path:
+            try:  # the file itself is looked for when the data stream starts
+                check_haystack(d.haystack, need_file=False)
+            except TaskError:
                 raise RunConfigError(f"data.haystack must be {', '.join(HAYSTACKS)} or {TEXT_PREFIX}PATH, got "
-                                     f"{d.haystack!r}")
+                                     f"{d.haystack!r}") from None
         if d.loss not in ("answer", "all"):
             raise RunConfigError(f"data.loss must be answer or all, got {d.loss!r}")
         empty = [k for k, v in {"model.preset": self.model.preset, "data.source": d.source, "data.tasks": d.tasks,

@@ -173,14 +173,14 @@ def _corpus_units(path: str, mtime_ns: int) -> tuple[str, ...]:
     return units
 
 
-def check_haystack(kind: str) -> str:
+def check_haystack(kind: str, need_file: bool = True) -> str:
     """`kind` if it names a haystack: noise, essay or text:PATH with PATH an existing .jsonl (a "text" field per
-    line) or text file; otherwise a TaskError that says why."""
+    line) or text file (need_file=False: any non-empty PATH); otherwise a TaskError that says why."""
     if kind in HAYSTACKS:
         return kind
-    if kind.startswith(TEXT_PREFIX):
+    if kind.startswith(TEXT_PREFIX) and (kind[len(TEXT_PREFIX):] or need_file):
         path = Path(kind[len(TEXT_PREFIX):])
-        if not path.is_file():
+        if need_file and not path.is_file():
             raise TaskError(f"haystack {kind!r}: no such file {str(path)!r} (give text:PATH with PATH a .jsonl "
                             "file with a \"text\" field per line, such as a corpus validation.jsonl, or a .txt file)")
         return kind
