@@ -2,16 +2,19 @@
 dense SDPA transformer of the same size, measured in one run.
 
 python -m benchmarks.training [--preset small] [--mixers swa,mamba2] [--seq-len 4096] [--batch-size 4]
-    [--steps 10] [--swa-backends auto] [--mamba-backends auto] [--no-dense] [--out benchmarks/results/training.md]
-    [--profile]
+    [--steps 10] [--swa-backends auto] [--mamba-backends auto] [--compile no] [--no-dense]
+    [--out benchmarks/results/training.md] [--profile]
 
 Each mixer runs with each of its listed backends (config `swa_backend` / `mamba_backend`; "auto" takes the
 fastest that works here, see `ramba.print_backends()`); the report names the backend each op kind ran on.
+--compile lists the `train.compile` modes to run the hybrids with (`HSAHybrid.compile_blocks`; "no" is eager):
+each compiled model gets its compilation out of the way in the warm-up steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -20,7 +23,10 @@ import torch
 from benchmarks.common import command_line
 from benchmarks.profiling import top_ops
 from ramba import HSAHybrid, HSAHybridConfig
+from ramba.dense import DenseTransformer
 from ramba.ops.backends import CUDA_ONLY, MAMBA_KINDS, load, pick
+from ramba.training.config import COMPILE_MODES
+from ramba.training.optim import build_optimizer, train_step
 
 PACKAGES = {"flash_attn.cute": "flash-attn 4", "flash_attn_interface": "flash-attn 3", "flash_attn": "flash-attn 2",
             "causal_conv1d": "causal-conv1d"}
@@ -33,8 +39,6 @@ def ran_on(kind: str, backend: str) -> str:
         return choice
     module = load(kind, choice).__name__
     return PACKAGES.get(module, module.split(".")[0])
-from ramba.dense import DenseTransformer
-from ramba.training.optim import build_optimizer, train_step
 
 
 def step_fn(model: torch.nn.Module):
@@ -48,7 +52,7 @@ def step_fn(model: torch.nn.Module):
 
 
 def measure(name: str, model: torch.nn.Module, batch: int, seq_len: int, steps: int, profile: bool = False) -> dict:
-    """Median step time over `steps` after two warm-up steps; tokens per second and peak memory.
+    """Median step time over `steps` after three warm-up steps; tokens per second and peak memory.
     With `profile`, also prints the ops that took the most GPU time over two more steps."""
     model = model.cuda().train()
     step = step_fn(model)
@@ -56,13 +60,13 @@ def measure(name: str, model: torch.nn.Module, batch: int, seq_len: int, steps: 
     inputs = [torch.randint(0, vocab, (batch, seq_len), device="cuda") for _ in range(3)]
     torch.cuda.reset_peak_memory_stats()
     times = []
-    for i in range(steps + 2):
+    for i in range(steps + 3):
         torch.cuda.synchronize()
         start = time.perf_counter()
         step(inputs[i % len(inputs)])
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    median = statistics.median(times[2:])
+    median = statistics.median(times[3:])
     if profile:
         print(f"profile of {name}:\n" + top_ops(lambda: step(inputs[0]), calls=2), flush=True)
     params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -80,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--swa-backends", default="auto", help="comma-separated swa_backend values to run the SWA models with")
     p.add_argument("--mamba-backends", default="auto",
                    help="comma-separated mamba_backend values to run the Mamba2 models with")
+    p.add_argument("--compile", default="no",
+                   help="comma-separated train.compile modes (no, default, reduce-overhead, max-autotune) of the "
+                   "hybrids")
     p.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure a dense SDPA transformer of the same size")
     p.add_argument("--out")
@@ -87,16 +94,24 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.training measures GPU training and needs a CUDA GPU")
+    modes = args.compile.split(",")
+    unknown = [m for m in modes if m not in COMPILE_MODES]
+    if unknown:
+        raise SystemExit(f"--compile: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(COMPILE_MODES)}")
     rows = []
     for mixer in args.mixers.split(","):
         field = "swa_backend" if mixer == "swa" else "mamba_backend"
         kinds = ["swa"] if mixer == "swa" else list(MAMBA_KINDS)
         for backend in (args.swa_backends if mixer == "swa" else args.mamba_backends).split(","):
             label = "/".join(ran_on(kind, backend) for kind in kinds)
-            for use_hsa in (True, False):
+            for mode, use_hsa in itertools.product(modes, (True, False)):
                 config = HSAHybridConfig.preset(args.preset, local_mixer=mixer, use_hsa=use_hsa, **{field: backend})
-                name = f"{args.preset} {mixer}" + ("" if use_hsa else " mixer-only") + f" ({label})"
-                rows.append(measure(name, HSAHybrid(config), args.batch_size, args.seq_len, args.steps, args.profile))
+                model = HSAHybrid(config)
+                if mode != "no":
+                    model.compile_blocks(None if mode == "default" else mode)
+                compiled = "" if mode == "no" else f", compile {mode}"
+                name = f"{args.preset} {mixer}" + ("" if use_hsa else " mixer-only") + f" ({label}{compiled})"
+                rows.append(measure(name, model, args.batch_size, args.seq_len, args.steps, args.profile))
                 r = rows[-1]
                 print(f"{name}: {r['step_ms']:.1f} ms per step, {r['tokens_per_s']:,.0f} tokens/s, "
                       f"peak {r['peak_gib']:.1f} GiB", flush=True)

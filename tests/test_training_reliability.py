@@ -115,7 +115,8 @@ NUMBERS = {  # field: (a valid value, bad values of the right type)
     "train.lr": (1e-3, [0.0, -1e-3, math.nan, math.inf]), "train.clip": (1.0, [0.0, -1.0, math.nan]),
     "train.weight_decay": (0.0, [-0.1, math.nan]), "train.min_lr_ratio": (0.5, [-0.1, 1.5, math.nan]),
 }
-WORDS = {"train.mixed_precision": "bf16", "data.loss": "all", "data.tokenizer": "byte", "train.output_dir": "runs/x"}
+WORDS = {"train.mixed_precision": "bf16", "train.compile": "default", "data.loss": "all", "data.tokenizer": "byte",
+         "train.output_dir": "runs/x"}
 FLAGS = ("train.gradient_checkpointing", "train.tensorboard", "data.streaming")
 
 
@@ -153,8 +154,12 @@ def test_every_config_field_is_checked_by_name(key, data, in_yaml):
 
 
 def test_mixed_precision_no_unquoted_and_haystack_type():
-    """YAML reads `no` as false: train.mixed_precision=no still means no mixed precision."""
+    """YAML reads `no` as false: train.mixed_precision=no and train.compile=no still mean no; a mode torch.compile
+    does not have is refused by name."""
     assert load_run_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_run_config(None, ["train.compile=no"]).train.compile == "no"
+    with pytest.raises(RunConfigError, match=r"train\.compile must be no, default, reduce-overhead or max-autotune"):
+        load_run_config(None, ["train.compile=fast"])
     with pytest.raises(RunConfigError, match=r"data\.haystack must be of type"):
         load_run_config(None, ["data.source=tasks", "data.haystack=[essay]"])
     assert load_run_config(None, ["data.source=tasks", "data.haystack=essay"]).data.haystack == "essay"

@@ -17,6 +17,9 @@ from ramba.data.tasks import HAYSTACKS, TaskError, check_haystack
 from ramba.data.tasks.prompt import TEXT_PREFIX
 
 
+COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune")
+
+
 class RunConfigError(ValueError):
     """A run configuration key is unknown or has a value of the wrong type."""
 
@@ -62,6 +65,9 @@ class TrainSection:
     clip: float = 1.0
     mixed_precision: str = "auto"  # "auto" (bf16 on CUDA, none on CPU), "bf16", "fp16", "no"
     gradient_checkpointing: bool = False
+    # torch.compile each block (HSAHybrid.compile_blocks): "no", "default", "reduce-overhead" (CUDA graphs) or
+    # "max-autotune"; fewer kernel launches where the host bounds the step (small batches, the Mamba2 mixer)
+    compile: str = "no"
     # processes that share each sequence (context parallelism: rank r of a group trains on slice r of every
     # row); the number of processes must be a multiple of it; data parallelism spans the groups
     context_parallel: int = 1
@@ -114,6 +120,9 @@ class RunConfig:
             raise RunConfigError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
         if t.mixed_precision not in ("auto", "bf16", "fp16", "no"):
             raise RunConfigError(f"train.mixed_precision must be auto, bf16, fp16 or no, got {t.mixed_precision!r}")
+        if t.compile not in COMPILE_MODES:
+            raise RunConfigError(f"train.compile must be {', '.join(COMPILE_MODES[:-1])} or {COMPILE_MODES[-1]}, "
+                                 f"got {t.compile!r}")
         if t.context_parallel > 1 and t.gradient_checkpointing:
             raise RunConfigError("train.gradient_checkpointing is not supported with train.context_parallel > 1 "
                                  "(the slices already cut activation memory): turn one of them off")
@@ -167,7 +176,7 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         hint = next(o for o in options if o is not type(None))
         origin = typing.get_origin(hint)
     expected = origin or hint
-    if key == "train.mixed_precision" and value is False:  # YAML 1.1 reads an unquoted `no` as false
+    if key in ("train.mixed_precision", "train.compile") and value is False:  # YAML 1.1 reads unquoted `no` as false
         return "no"
     if expected is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:  # YAML 1.1 reads 1e-3 as a string

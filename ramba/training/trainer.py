@@ -40,6 +40,8 @@ def build_model(run: RunConfig, vocab: int) -> HSAHybrid:
         raise ValueError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's {vocab}: "
                          f"set model.overrides.vocab_size={vocab}")
     model.gradient_checkpointing = run.train.gradient_checkpointing
+    if run.train.compile != "no":
+        model.compile_blocks(None if run.train.compile == "default" else run.train.compile)
     return model
 
 
