@@ -2,7 +2,8 @@
 dense SDPA transformer of the same size, measured in one run.
 
 python -m benchmarks.training [--preset small] [--mixers swa,mamba2] [--seq-len 4096] [--batch-size 4]
-    [--steps 10] [--swa-backends auto] [--mamba-backends auto] [--compile no] [--no-dense]
+    [--steps 10] [--swa-backends auto] [--mamba-backends auto] [--compile no] [--variants hybrid,mixer-only]
+    [--no-dense]
     [--out benchmarks/results/training.md] [--profile]
 
 Each mixer runs with each of its listed backends (config `swa_backend` / `mamba_backend`; "auto" takes the
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile", default="no",
                    help="comma-separated train.compile modes (no, default, reduce-overhead, max-autotune) of the "
                    "hybrids")
+    p.add_argument("--variants", default="hybrid,mixer-only",
+                   help="which of each mixer's models to run: hybrid (with HSA), mixer-only (use_hsa=False)")
     p.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure a dense SDPA transformer of the same size")
     p.add_argument("--out")
@@ -98,13 +101,16 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [m for m in modes if m not in COMPILE_MODES]
     if unknown:
         raise SystemExit(f"--compile: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(COMPILE_MODES)}")
+    variants = {"hybrid": True, "mixer-only": False}
+    if not args.variants or any(v not in variants for v in args.variants.split(",")):
+        raise SystemExit(f"--variants: a comma-separated subset of hybrid, mixer-only, got {args.variants!r}")
     rows = []
     for mixer in args.mixers.split(","):
         field = "swa_backend" if mixer == "swa" else "mamba_backend"
         kinds = ["swa"] if mixer == "swa" else list(MAMBA_KINDS)
         for backend in (args.swa_backends if mixer == "swa" else args.mamba_backends).split(","):
             label = "/".join(ran_on(kind, backend) for kind in kinds)
-            for mode, use_hsa in itertools.product(modes, (True, False)):
+            for mode, use_hsa in itertools.product(modes, [variants[v] for v in args.variants.split(",")]):
                 config = HSAHybridConfig.preset(args.preset, local_mixer=mixer, use_hsa=use_hsa, **{field: backend})
                 model = HSAHybrid(config)
                 if mode != "no":
