@@ -1,14 +1,15 @@
 """Training data: document sources, and packing into fixed-length sequences.
 
 Sources: "builtin" (the synthetic pass-key / key-value mixture, one document per sequence, with the answer
-and needle positions for retrieval statistics), local text / jsonl / parquet files, or a `datasets` hub
-name (streamed). Documents of a corpus are tokenized, joined with an end-of-sequence token and cut into
+and needle positions for retrieval statistics), local text / jsonl files (read here), json / parquet files or a
+`datasets` hub name (through `datasets`, streamed). Documents of a corpus are tokenized, joined with an end-of-sequence token and cut into
 sequences of seq_len tokens with per-token document ids, so that the model keeps documents apart.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,23 +26,71 @@ MAX_FACTS = 16  # answer-holding facts an example keeps (task_examples' fact_spa
 FILE_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
+def _local_files(data: DataSection) -> tuple[list[Path], str]:
+    """The files of a local data.source (a file or a folder searched recursively) and their one format."""
+    path = Path(data.source)
+    files = sorted(p for p in path.rglob("*") if p.suffix in FILE_FORMATS) if path.is_dir() else [path]
+    formats = {FILE_FORMATS.get(p.suffix) for p in files}
+    if not files or None in formats or len(formats) > 1:
+        raise ValueError(f"data.source {data.source}: give .txt, .jsonl/.json or .parquet files of one kind, "
+                         f"found {[p.name for p in files][:5] or 'none'}")
+    return files, formats.pop()
+
+
+def _read_lines(files: list[Path], fmt: str) -> Iterator[dict]:
+    """The records of .txt files (one per line, as the field "text") or JSON-lines files (one object per line)."""
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if fmt == "text":
+                    yield {"text": line.rstrip("\n")}
+                elif line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}:{number} is not a JSON object per line ({err})") from None
+
+
+def _shuffled(records: Iterator[dict], seed: int, buffer_size: int | None) -> Iterator[dict]:
+    """records in an order fixed by seed: through a buffer of buffer_size records (streaming), or all at once."""
+    rng = random.Random(seed)
+    if buffer_size is None:
+        everything = list(records)
+        rng.shuffle(everything)
+        yield from everything
+        return
+    buffer: list[dict] = []
+    for record in records:
+        if len(buffer) < buffer_size:
+            buffer.append(record)
+            continue
+        i = rng.randrange(buffer_size)
+        yield buffer[i]
+        buffer[i] = record
+    rng.shuffle(buffer)
+    yield from buffer
+
+
 def _load_dataset(data: DataSection, seed: int):
+    """The shuffled records of data.source: local .txt and .jsonl files read here (no extra package), .json and
+    .parquet files and hub names through `datasets`."""
+    buffer_size = 10_000 if data.streaming else None
+    local = Path(data.source).exists()
+    if local:
+        files, fmt = _local_files(data)
+        if fmt == "text" or all(p.suffix == ".jsonl" for p in files):
+            return _shuffled(_read_lines(files, fmt), seed, buffer_size)
     try:
         import datasets
     except ImportError as err:
-        raise ImportError(f"data.source={data.source!r} needs the datasets package: pip install datasets") from err
-    path = Path(data.source)
-    if path.exists():
-        files = sorted(p for p in path.rglob("*") if p.suffix in FILE_FORMATS) if path.is_dir() else [path]
-        formats = {FILE_FORMATS.get(p.suffix) for p in files}
-        if not files or None in formats or len(formats) > 1:
-            raise ValueError(f"data.source {data.source}: give .txt, .jsonl/.json or .parquet files of one kind, "
-                             f"found {[p.name for p in files][:5] or 'none'}")
-        dataset = datasets.load_dataset(formats.pop(), data_files=[str(p) for p in files], split="train",
+        raise ImportError(f"data.source={data.source!r} needs the datasets package: pip install datasets (local "
+                          ".txt and .jsonl files do not)") from err
+    if local:
+        dataset = datasets.load_dataset(fmt, data_files=[str(p) for p in files], split="train",
                                         streaming=data.streaming)
     else:
         dataset = datasets.load_dataset(data.source, data.hub_config, split=data.split, streaming=data.streaming)
-    return dataset.shuffle(seed=seed, buffer_size=10_000) if data.streaming else dataset.shuffle(seed=seed)
+    return dataset.shuffle(seed=seed, buffer_size=buffer_size) if data.streaming else dataset.shuffle(seed=seed)
 
 
 def corpus_documents(data: DataSection, seed: int) -> Iterator[str]:
