@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ import torch
 from ramba import HSAHybrid, HSAHybridConfig
 from ramba.training.checkpoint import CheckpointError, checkpoints
 from ramba.training.config import RunConfigError, load_run_config
-from ramba.training.data import pack
+from ramba.training.config import DataSection
+from ramba.training.data import corpus_documents, pack
 from ramba.training.optim import param_groups
 from ramba.training.trainer import eval_batches, evaluate, retrieval_hits
 from ramba.tokenizer import ByteTokenizer
@@ -146,11 +148,30 @@ def test_packed_corpus_keeps_documents_apart():
 
 
 def test_training_on_a_jsonl_corpus(tmp_path):
-    pytest.importorskip("datasets", reason="a local corpus is read through datasets (a dependency of ramba)")
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": "word " * n}) for n in range(20, 400, 7)))
     final = recipe().main(SMALL + ["train.steps=2", f"data.source={corpus}", f"train.output_dir={tmp_path / 'run'}"])
     assert (final / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_local_text_and_jsonl_need_no_datasets(tmp_path, monkeypatch, streaming):
+    """Local .jsonl (one object a line) and .txt (one record a line) files are read without `datasets`: every
+    record once, in an order the seed fixes (a 10,000-record buffer when streaming); .json still needs it."""
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets fails
+    texts = [f"document {i} " + "x" * (i % 7) for i in range(12_000 if streaming else 300)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n\n" for i, t in enumerate(texts)))
+    (tmp_path / "b.txt").write_text("\n".join(texts) + "\n")
+    for name in ("a.jsonl", "b.txt"):
+        data = DataSection(source=str(tmp_path / name), streaming=streaming)
+        first, again, other = (list(corpus_documents(data, seed)) for seed in (3, 3, 4))
+        assert sorted(first) == sorted(texts) and first == again and first != other and first != texts
+    (tmp_path / "c.json").write_text(json.dumps([{"text": "x"}]))
+    with pytest.raises(ImportError, match="needs the datasets package"):
+        next(corpus_documents(DataSection(source=str(tmp_path / "c.json")), 0))
+    (tmp_path / "bad.jsonl").write_text('{"text": "x"}\nnot json\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2 is not a JSON object per line"):
+        list(corpus_documents(DataSection(source=str(tmp_path / "bad.jsonl")), 0))
 
 
 def test_no_weight_decay_on_norms_biases_and_marked():
