@@ -18,6 +18,8 @@
 #   DEVICE=cpu STEPS=2 MAXTOK=2k DENSE_MAXTOK=2k EXTRA="data.seq_len=256 train.batch_size=1 model.preset=tiny train.eval_every=1
 #   train.save_every=1" bash benchmarks/results/raw/realtext/r1.sh
 # Outputs under $OUT: each run's metrics, the perplexity tables and plots (perplexity-4m.*, perplexity-dense.*).
+# First try (2026-12-07, `LIMIT=175 MAXTOK=1m`): every run stopped at once, as local .jsonl corpora were then
+# read through `datasets`, which the device does not have; they are now read without it.
 set -u
 out="${OUT:-out}"; mkdir -p "$out" runs/r1 data/debian-corpus
 [ -n "${DEVICE:-}" ] || source benchmarks/device_setup.sh
