@@ -5,7 +5,7 @@ It tells a retrieval failure (the asked fact's chunk not read, or outweighed by 
 failure (read and weighted, answered wrong).
 
 python -m benchmarks.probe --checkpoint DIR --task niah_multikey_1 --lengths 4k,64k [--samples 20] [--seed 1]
-    [--segment 65536] [--device cpu] [--out FILE.md]
+    [--segment 65536] [--device cpu] [--forced] [--out FILE.md]
 
 An inserted fact is "asked" when it holds one of the references (see fact_chunks). A token's selection is the
 union over HSA blocks and retrieval heads at the position that predicts it, and the weight on a fact is the
@@ -26,6 +26,7 @@ from benchmarks.common import command_line, parse_length
 from ramba import HSAHybrid
 from ramba.data.tasks import TASKS, Key, Sample, make_sample, score
 from ramba.loading import load_model
+from ramba.steering import forced_retrieval
 from ramba.tokenizer import Tokenizer, load_tokenizer
 
 MAX_FACT_TOKENS = 256
@@ -65,13 +66,19 @@ def _weight_on(chunks: set[int], mixing: list[dict[int, float]]) -> float:
     return statistics.fmean(sum(w for c, w in head.items() if c in chunks) for head in mixing) if mixing else 0.0
 
 
-def probe_one(model: HSAHybrid, tokenizer: Tokenizer, sample: Sample, segment: int) -> dict:
-    """Prefill the prompt segment-wise and answer greedily, keeping the chunks read for every answer token."""
+def _answer(model: HSAHybrid, tokenizer: Tokenizer, sample: Sample, segment: int):
+    """Greedy answer ids (without the stop token) after a segment-wise prefill, and generate's output."""
     stops = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
     out = model.generate(sample.prompt_ids.long()[None], sample.max_new_tokens, stop_tokens=stops,
                          segment_size=segment, progress=False, return_retrieval=True)
     generated = out.sequences[0, sample.prompt_ids.numel():].tolist()
-    answer = next((generated[:i] for i, token in enumerate(generated) if token in stops), generated)
+    return next((generated[:i] for i, token in enumerate(generated) if token in stops), generated), out
+
+
+def probe_one(model: HSAHybrid, tokenizer: Tokenizer, sample: Sample, segment: int, forced: bool = False) -> dict:
+    """Prefill the prompt segment-wise and answer greedily, keeping the chunks read for every answer token;
+    with `forced`, answer again with every HSA block reading only the asked fact's chunks (forced_output)."""
+    answer, out = _answer(model, tokenizer, sample, segment)
     reads = [_mixing(out, t) for t in range(len(answer))]  # what was read, and how much, to predict each token
     asked, other = fact_chunks(sample, tokenizer, model.config.chunk_size)
     content = [mixing for token, mixing in zip(answer, reads) if tokenizer.decode([token]).strip()]
@@ -80,31 +87,40 @@ def probe_one(model: HSAHybrid, tokenizer: Tokenizer, sample: Sample, segment: i
     def mean(values: list[float]) -> float:
         return statistics.fmean(values) if values else 0.0
 
-    return {"output": tokenizer.decode(answer),
-            "asked_read": mean([bool(asked & r) for r in selected]),
-            "other_read": mean([len(other & r) for r in selected]),
-            "other_facts": len(other),
-            "asked_weight": mean([_weight_on(asked, m) for m in content]),
-            "other_weight": mean([_weight_on(other, m) for m in content])}
+    row = {"output": tokenizer.decode(answer),
+           "asked_read": mean([bool(asked & r) for r in selected]),
+           "other_read": mean([len(other & r) for r in selected]),
+           "other_facts": len(other),
+           "asked_weight": mean([_weight_on(asked, m) for m in content]),
+           "other_weight": mean([_weight_on(other, m) for m in content])}
+    if forced:
+        with forced_retrieval(model, sorted(asked)):
+            row["forced_output"] = tokenizer.decode(_answer(model, tokenizer, sample, segment)[0])
+    return row
 
 
 def run(model: HSAHybrid, tokenizer: Tokenizer, task: str, lengths: list[int], samples: int, seed: int,
-        segment: int) -> list[dict]:
-    """One row per (length, sample index), with the answer's score under the task's rule."""
+        segment: int, forced: bool = False) -> list[dict]:
+    """One row per (length, sample index), with the answer's score under the task's rule (and with `forced`
+    the score of the answer given while reading only the asked fact's chunks)."""
     rows = []
     for length in lengths:
         for index in tqdm(range(samples), desc=f"{task} {length:,}", leave=False):
             sample = make_sample(Key(task, length, None, index), tokenizer, seed)
-            row = probe_one(model, tokenizer, sample, segment)
+            row = probe_one(model, tokenizer, sample, segment, forced)
             row.update(length=length, index=index, score=score(task, row["output"], sample.references))
+            if forced:
+                row["forced_score"] = score(task, row["forced_output"], sample.references)
             rows.append(row)
     return rows
 
 
 def table(rows: list[dict], task: str) -> str:
+    forced = all("forced_score" in r for r in rows)
     lines = [f"| {task} length | prompts | answers right | answer tokens that read the asked fact | other facts' "
-             "chunks read per answer token (of) | retrieval weight on the asked fact | on the other facts |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "chunks read per answer token (of) | retrieval weight on the asked fact | on the other facts |"
+             + (" answers right, reading only the asked fact |" if forced else ""),
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if forced else "")]
     for length in sorted({r["length"] for r in rows}):
         cell = [r for r in rows if r["length"] == length]
         lines.append(f"| {length:,} | {len(cell)} | {statistics.fmean(r['score'] for r in cell):.0%} | "
@@ -112,7 +128,8 @@ def table(rows: list[dict], task: str) -> str:
                      f"{statistics.fmean(r['other_read'] for r in cell):.1f} of "
                      f"{statistics.fmean(r['other_facts'] for r in cell):.1f} | "
                      f"{statistics.fmean(r['asked_weight'] for r in cell):.2f} | "
-                     f"{statistics.fmean(r['other_weight'] for r in cell):.2f} |")
+                     f"{statistics.fmean(r['other_weight'] for r in cell):.2f} |"
+                     + (f" {statistics.fmean(r['forced_score'] for r in cell):.0%} |" if forced else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -127,6 +144,9 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--segment", type=int, default=65536)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokenizer", default="byte")
+    p.add_argument("--forced", action="store_true",
+                   help="also answer each prompt with every HSA block reading only the asked fact's chunks "
+                        "(ramba.steering.forced_retrieval): right then but wrong before is a selection failure")
     p.add_argument("--out", help="also write the table to this markdown file")
     args = p.parse_args(argv)
     if args.task not in TASKS:
@@ -137,7 +157,7 @@ def main(argv: list[str] | None = None) -> str:
         p.error(f"--checkpoint: {err}")
     tokenizer = load_tokenizer(args.tokenizer)
     rows = run(model, tokenizer, args.task, [parse_length(x) for x in args.lengths.split(",")], args.samples,
-               args.seed, args.segment)
+               args.seed, args.segment, args.forced)
     text = table(rows, args.task)
     print(text)
     if args.out:

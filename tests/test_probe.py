@@ -10,6 +10,7 @@ import torch
 from benchmarks import probe
 from ramba import HSAHybrid
 from ramba.data.tasks import TASKS
+from ramba.steering import forced_retrieval
 from ramba.tokenizer import ByteTokenizer
 
 DEMO = Path(__file__).resolve().parents[1] / "benchmarks" / "models" / "swa-passkey"
@@ -52,3 +53,20 @@ def test_weight_on_a_fact_averages_blocks_and_heads():
     assert probe._weight_on({3}, mixing) == pytest.approx((0.5 + 0.25 + 0.5) / 3)
     assert probe._weight_on({0, 7}, mixing) == pytest.approx(0.5 / 3)
     assert probe._weight_on(set(), mixing) == 0.0
+
+
+def test_forced_reading_answers_from_the_asked_fact_only():
+    """--forced: reading only the pass key's chunks, the shipped model still answers; reading only chunks of
+    the haystack instead (ramba.steering), it cannot, so the forcing is what it reads."""
+    model = HSAHybrid.from_pretrained(DEMO).float().eval()
+    tokenizer = ByteTokenizer()
+    sample = TASKS["passkey"](random.Random(1), tokenizer, 1500, 0.3)
+    row = probe.probe_one(model, tokenizer, sample, segment=512, forced=True)
+    assert sample.references[0] in row["forced_output"] and sample.references[0] in row["output"]
+    asked, _ = probe.fact_chunks(sample, tokenizer, 64)
+    haystack = [c for c in range(3, 20) if c not in asked][:2]
+    with forced_retrieval(model, haystack):
+        answer, _ = probe._answer(model, tokenizer, sample, 512)
+    assert sample.references[0] not in tokenizer.decode(answer)
+    rows = [dict(row, length=1500, score=1.0, forced_score=1.0)]
+    assert probe.table(rows, "passkey").splitlines()[0].endswith("answers right, reading only the asked fact |")

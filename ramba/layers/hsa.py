@@ -26,6 +26,23 @@ def retrieval_weights(scores: torch.Tensor, indices: torch.Tensor, kind: str) ->
     return w * valid
 
 
+def force_selection(indices: torch.Tensor, scores: torch.Tensor, forced: torch.Tensor, positions: torch.Tensor,
+                    chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A selection replaced by `forced` wherever one of those chunks is visible: indices, scores [N, L, Hr, K];
+    forced: long [F] chunk ids, most recent first (F <= K); positions [N, L] of the queries. Where any forced
+    chunk is complete before the query ((c + 1) * chunk_size <= p), the slots hold exactly the visible forced
+    chunks, most recent first, with equal scores (so equal weights), then empty slots (-1, -inf); elsewhere the
+    selection is left as it was."""
+    K = indices.shape[-1]
+    visible = (forced + 1) * chunk_size <= positions[..., None]                      # [N, L, F]
+    order = torch.sort(visible.to(torch.int8), dim=-1, descending=True, stable=True).indices
+    picked = torch.where(torch.gather(visible, -1, order), forced[order], -1)        # visible first, in order
+    picked = F.pad(picked, (0, K - forced.numel()), value=-1)[..., None, :].expand_as(indices)
+    use = visible.any(-1)[..., None, None]
+    forced_scores = torch.zeros_like(scores).masked_fill(picked < 0, float("-inf"))
+    return torch.where(use, picked, indices), torch.where(use, forced_scores, scores)
+
+
 class HSA(nn.Module):
     """x [B, L, d] (normalised) and the chunk memory -> [B, L, d], plus the selected chunks [B, L, Hr, K] and
     their weights [B, L, Hr, K] (0 for empty slots).
@@ -41,6 +58,7 @@ class HSA(nn.Module):
         self.q_proj = nn.Linear(d, config.num_heads * config.head_dim, bias=False)
         self.qr_proj = nn.Linear(d, config.num_retrieval_heads * config.retrieval_dim, bias=False)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, d, bias=False)
+        self.forced: torch.Tensor | None = None  # chunks every query reads instead (ramba.steering, diagnostics)
 
     def forward(self, x: torch.Tensor, memory: Memory, layout: DocLayout,
                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,9 +66,13 @@ class HSA(nn.Module):
         xs = layout.unpack(x)
         N, L, _ = xs.shape
         qr = self.qr_proj(xs).view(N, L, cfg.num_retrieval_heads, cfg.retrieval_dim)
-        indices, scores = memory.retrieve(qr, cfg.topk, cfg.chunk_size, layout.retrieval_positions(positions),
+        at = layout.retrieval_positions(positions)
+        indices, scores = memory.retrieve(qr, cfg.topk, cfg.chunk_size, at,
                                           cfg.window if cfg.retrieve_beyond_window else None, cfg.ops_backend,
                                           cfg.gumbel_noise if self.training else 0.0)
+        if self.forced is not None:
+            at = torch.arange(L, device=x.device).expand(N, L) if at is None else at
+            indices, scores = force_selection(indices, scores, self.forced.to(x.device), at, cfg.chunk_size)
         weights = retrieval_weights(scores, indices, cfg.retrieval_weights)
         kv_indices, kv_weights = indices, weights
         if cfg.num_retrieval_heads != cfg.num_kv_heads:  # one shared retrieval head serves every kv head

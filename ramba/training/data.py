@@ -2,8 +2,9 @@
 
 Sources: "builtin" (the synthetic pass-key / key-value mixture, one document per sequence, with the answer
 and needle positions for retrieval statistics), local text / jsonl files (read here), json / parquet files or a
-`datasets` hub name (through `datasets`, streamed). Documents of a corpus are tokenized, joined with an end-of-sequence token and cut into
-sequences of seq_len tokens with per-token document ids, so that the model keeps documents apart.
+`datasets` hub name (through `datasets`, streamed). Documents of a corpus are tokenized, joined with an
+end-of-sequence token and cut into sequences of seq_len tokens with per-token document ids, so that the model
+keeps documents apart.
 """
 
 from __future__ import annotations
