@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--swa-backends", default="auto", help="comma-separated swa_backend values to run the SWA models with")
+    p.add_argument("--swa-backends", default="auto",
+                   help="comma-separated swa_backend values to run the SWA models with")
     p.add_argument("--mamba-backends", default="auto",
                    help="comma-separated mamba_backend values to run the Mamba2 models with")
     p.add_argument("--compile", default="no",
@@ -127,13 +128,14 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(measure(f"{args.preset} dense SDPA", dense, args.batch_size, args.seq_len, args.steps,
                             args.profile))
     by_name = {r["model"]: r for r in rows}
-    lines = ["| model | params (M) | step ms | tokens/s | vs mixer-only | peak GiB |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| model | params (M) | step ms | tokens/s | vs mixer-only | peak GiB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         name, _, backend = r["model"].partition(" (")
         base = by_name.get(f"{name} mixer-only ({backend}" if backend else f"{name} mixer-only")
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "-"
-        lines.append(f"| {r['model']} | {r['params_m']:.0f} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {ratio} | "
-                     f"{r['peak_gib']:.1f} |")
+        lines.append(f"| {r['model']} | {r['params_m']:.0f} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+                     f"{ratio} | {r['peak_gib']:.1f} |")
     table = "\n".join(lines)
     print(table)
     if args.out:
