@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
                 config = HSAHybridConfig.preset(args.preset, local_mixer=mixer, use_hsa=use_hsa, **{field: backend})
                 model = HSAHybrid(config)
                 if mode != "no":
-                    model.compile_blocks(None if mode == "default" else mode)
+                    model.compile_blocks(mode)
                 compiled = "" if mode == "no" else f", compile {mode}"
                 name = f"{args.preset} {mixer}" + ("" if use_hsa else " mixer-only") + f" ({label}{compiled})"
                 rows.append(measure(name, model, args.batch_size, args.seq_len, args.steps, args.profile))

@@ -124,13 +124,13 @@ class HSAHybrid(nn.Module):
 
     generate = generate
 
-    def compile_blocks(self, mode: str | None = None) -> "HSAHybrid":
+    def compile_blocks(self, mode: str = "default") -> "HSAHybrid":
         """Compile each block (and the chunk encoder) in place with `torch.compile`, forward and backward: fewer,
         fused kernels, which matters where the host bounds the step (small batches, Mamba2's many small ops).
-        mode: torch.compile's (None, "reduce-overhead" for CUDA graphs, "max-autotune"). Weights, state_dict
-        and results are unchanged; the first calls of each new input shape compile."""
+        mode: torch.compile's ("default", "reduce-overhead" for CUDA graphs, "max-autotune"). Weights,
+        state_dict and results are unchanged; the first calls of each new input shape compile."""
         for module in (*self.lower, *self.upper, *([self.encoder] if self.encoder is not None else [])):
-            module.compile(mode=mode)
+            module.compile(mode=None if mode == "default" else mode)
         return self
 
     def new_cache(self, batch_size: int, offload: bool = False, max_tokens: int | None = None) -> HSACache:

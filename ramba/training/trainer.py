@@ -41,7 +41,7 @@ def build_model(run: RunConfig, vocab: int) -> HSAHybrid:
                          f"set model.overrides.vocab_size={vocab}")
     model.gradient_checkpointing = run.train.gradient_checkpointing
     if run.train.compile != "no":
-        model.compile_blocks(None if run.train.compile == "default" else run.train.compile)
+        model.compile_blocks(run.train.compile)
     return model
 
 
