@@ -217,3 +217,30 @@ def test_checkpoint_savers_killed_at_random_moments_keep_every_complete_checkpoi
             assert torch.equal(weights["weight"], torch.full((256, 256), float(step)))
         if time.monotonic() - start > 15:
             break
+
+
+def test_max_minutes_ends_the_run_with_its_schedule_decayed_and_counts_resumed_time(tmp_path, monkeypatch):
+    import types
+
+    import ramba.training.trainer as trainer
+    from ramba.training.optim import lr_lambda
+    ticks = iter(range(0, 10**6, 30))  # a clock that advances 30 s at each reading
+    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    # 2 minutes: the loop's start reads 0 s, steps 1-4 end at 30-120 s; step 4 spends the budget
+    final = pretrain(tmp_path, "train.steps=100", "train.max_minutes=2")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    assert final == tmp_path / "final" and (final / "model.safetensors").exists() and sorted(lrs) == [1, 2, 3, 4]
+    schedule = lr_lambda(2, 100, 0.1)  # TINY's warmup, train.steps, the default min_lr_ratio
+    # the lr logged after step k is set by step k's scheduler step, from the time spent by step k - 1
+    for k in (2, 3, 4):
+        assert math.isclose(lrs[k], 3e-3 * schedule(max(k, 25 * (k - 1))), rel_tol=1e-9)
+    assert math.isclose(lrs[4], 3e-3 * schedule(75)) and lrs[4] < lrs[2] / 3
+    state = json.loads((checkpoints(tmp_path)[-1] / STATE_FILE).read_text())
+    assert state["step"] == 4 and state["seconds"] == 120.0
+    # resumed with a larger budget, the 120 s trained so far count: 30 s more end a 2.5-minute budget
+    ticks = iter(range(0, 10**6, 30))
+    pretrain(tmp_path, "train.steps=100", "train.max_minutes=2.5", "--resume")
+    assert max(losses(tmp_path)) == 5
+    with pytest.raises(RunConfigError, match="train.max_minutes must be positive"):
+        pretrain(tmp_path / "bad", "train.max_minutes=0")

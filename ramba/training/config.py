@@ -76,6 +76,9 @@ class TrainSection:
     eval_every: int = 100
     save_every: int = 100
     keep: int = 3
+    # wall-clock budget of the training loop: the run ends (its final model saved) at train.steps or after this
+    # many minutes, whichever comes first, and the learning-rate schedule follows whichever is further along
+    max_minutes: float | None = None
     stop_after: int | None = None  # end this process after that step (e.g. a time-limited job); resume later,
     # or write the checkpoint as a model with recipes/export.py
     output_dir: str = "runs/pretrain"
@@ -109,6 +112,8 @@ class RunConfig:
                   "train.context_parallel": (t.context_parallel, 1)}
         if t.stop_after is not None:
             ranges["train.stop_after"] = (t.stop_after, 1)
+        if t.max_minutes is not None and not t.max_minutes > 0:
+            raise RunConfigError(f"train.max_minutes must be positive (or null for no time limit), got {t.max_minutes}")
         for key, (value, least) in ranges.items():
             if value < least:
                 raise RunConfigError(f"{key} must be at least {least}, got {value}")

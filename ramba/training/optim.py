@@ -34,10 +34,14 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int,
-                    min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """The schedule of lr_lambda, stepped once per optimizer step."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total, min_ratio))
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float,
+                    time_used: Callable[[], float] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule of lr_lambda, stepped once per optimizer step. With `time_used` (the share of a time
+    budget spent, 0 to 1) the schedule follows whichever budget is further along: step or share x total."""
+    f = lr_lambda(warmup, total, min_ratio)
+    if time_used is None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: f(max(step, int(time_used() * total))))
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],

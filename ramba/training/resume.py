@@ -26,7 +26,8 @@ RUN_FILES = ("checkpoints", "final", "metrics.jsonl", "config.yaml")  # what a r
 FREE = {"train.stop_after", "train.log_every", "train.eval_every", "train.save_every", "train.keep",
         "train.output_dir", "train.tensorboard", "train.gradient_checkpointing", "train.context_parallel",
         "data.eval_sequences"}
-WARNED = {"train.batch_size", "train.grad_accum", "train.steps"}  # allowed, with a word on what they change
+# allowed, with a word on what they change
+WARNED = {"train.batch_size", "train.grad_accum", "train.steps", "train.max_minutes"}
 
 
 def claim_run_dir(output_dir: Path, overwrite: bool, is_main: bool) -> None:
@@ -93,6 +94,11 @@ def check_resume(state: dict[str, Any], run: RunConfig, path: Path, processes: i
         before, now = changes["train.steps"]
         logger.warning("train.steps changed from %s to %s: the learning-rate schedule now ends at step %s, so "
                        "from here the run differs from one that ran either length from the start", before, now, now)
+    if "train.max_minutes" in changes:
+        before, now = changes["train.max_minutes"]
+        logger.warning("train.max_minutes changed from %s to %s: the run now ends, and its learning-rate schedule "
+                       "decays, by the new time budget (%.1f minutes trained so far count towards it)", before, now,
+                       state.get("seconds", 0.0) / 60)
     t = state["config"].get("train", {})
     old = (t.get("batch_size", run.train.batch_size), t.get("grad_accum", run.train.grad_accum),
            state.get("processes", processes))

@@ -235,7 +235,11 @@ def train(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -
                          f"whole chunks: data.seq_len ({run.data.seq_len}) must be a multiple of chunk_size x "
                          f"{mesh.cp_size} = {model.config.chunk_size * mesh.cp_size}")
     optimizer = build_optimizer(model, t.lr, t.weight_decay, tuple(t.betas))
-    scheduler = build_scheduler(optimizer, t.warmup, t.steps, t.min_lr_ratio)
+    # the time budget: seconds trained by this run's earlier processes (a resumed run) count towards it
+    seconds = state.get("seconds", 0.0) if resume_from else 0.0
+    used = [seconds / (t.max_minutes * 60)] if t.max_minutes else None  # share spent, agreed by every process
+    scheduler = build_scheduler(optimizer, t.warmup, t.steps, t.min_lr_ratio,
+                                (lambda: used[0]) if used else None)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if t.tensorboard:
         accelerator.init_trackers("ramba")
@@ -265,8 +269,9 @@ def train(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -
         raise ValueError("train.retrieval_loss needs a model with HSA blocks (use_hsa): set train.retrieval_loss=0")
 
     bar = tqdm(total=t.steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
-    last = time.perf_counter()
-    while step < t.steps:
+    last = start = time.perf_counter()
+    out_of_time = False
+    while step < t.steps and not out_of_time:
         losses, hits, weights, tokens = [], [], [], 0
         micro = [next(stream) for _ in range(t.grad_accum)]
         consumed += t.grad_accum * t.batch_size * mesh.dp_size
@@ -292,10 +297,17 @@ def train(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -
             if stats:
                 hits.append(retrieval_hits(out.retrieval, batch, chunk_size).item())
         step += 1
-        local = torch.tensor([sum(losses) / len(losses), tokens, sum(hits) / max(1, len(hits)),
-                              sum(weights) / max(1, len(weights))], dtype=torch.float64, device=accelerator.device)
-        mean = accelerator.reduce(local, "mean").tolist()  # the whole global batch, not process 0's share
         now = time.perf_counter()
+        local = torch.tensor([sum(losses) / len(losses), tokens, sum(hits) / max(1, len(hits)),
+                              sum(weights) / max(1, len(weights)), seconds + now - start],
+                             dtype=torch.float64, device=accelerator.device)
+        mean = accelerator.reduce(local, "mean").tolist()  # the whole global batch, not process 0's share
+        if used:
+            used[0] = mean[4] / (t.max_minutes * 60)
+            out_of_time = used[0] >= 1
+            if out_of_time:
+                logger.info("train.max_minutes (%g) reached at step %d", t.max_minutes, step)
+        done = step == t.steps or out_of_time
         metrics = {"loss": mean[0], "lr": scheduler.get_last_lr()[0],
                    "tokens_per_s": mean[1] * accelerator.num_processes / (now - last)}
         last = now
@@ -305,15 +317,16 @@ def train(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -
             metrics["retrieval_weight_on_facts"] = mean[3]
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
-        if step % t.log_every == 0 or step == t.steps:
+        if step % t.log_every == 0 or done:
             log.log(step, metrics)
-        if step % t.eval_every == 0 or step == t.steps:
+        if step % t.eval_every == 0 or done:
             result = evaluate(accelerator.unwrap_model(model), held_out, accelerator.device, run.data.tasks)
             log.log(step, result)
             logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
-        stopping = t.stop_after is not None and step >= t.stop_after and step < t.steps
-        if step % t.save_every == 0 or step == t.steps or stopping:
-            save_checkpoint(accelerator, output_dir, step, {"sequences": consumed, "batch_size": t.batch_size,
+        stopping = t.stop_after is not None and step >= t.stop_after and not done
+        if step % t.save_every == 0 or done or stopping:
+            save_checkpoint(accelerator, output_dir, step, {"sequences": consumed, "seconds": mean[4],
+                                                            "batch_size": t.batch_size,
                                                             "processes": mesh.dp_size,
                                                             "config": run.to_dict()}, t.keep)
         if stopping:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue #26, first call (written 2026-12-07): the small model of each kind pre-trained side by side on the Debian
-# corpus at 4K (recipes/configs/realtext-small.yaml, byte tokens), each for LIMIT seconds:
+# corpus at 4K (recipes/configs/realtext-small.yaml, byte tokens), each for MINUTES of training (train.max_minutes:
+# the run ends, its learning-rate schedule decayed, at that wall time):
 #   hsa    the config as it is (the SWA hybrid: window 512, HSA every third block)
 #   mixer  use_hsa=false: the mixer-only baseline on the same tokens
 #   dense  use_hsa=false, window=65536: full causal attention up to 64K tokens (a dense transformer of the same
@@ -14,7 +15,7 @@
 #       && xz -9 -T2 -c data/debian-corpus/validation.jsonl > data/corpus-xz/validation.jsonl.xz
 # Then from the repository root on the device machine (carry .wheels/slim.tar.xz and data/corpus-xz):
 #   bash benchmarks/results/raw/realtext/r1.sh
-# LIMIT (training seconds, default 400), RUNS (subset of "hsa mixer dense"), STEPS; a dry run here:
+# MINUTES (default 5), RUNS (subset of "hsa mixer dense"), STEPS; a dry run here:
 #   DEVICE=cpu STEPS=2 MAXTOK=2k DENSE_MAXTOK=2k EXTRA="data.seq_len=256 train.batch_size=1 model.preset=tiny train.eval_every=1
 #   train.save_every=1" bash benchmarks/results/raw/realtext/r1.sh
 # Outputs under $OUT: each run's metrics, the perplexity tables and plots (perplexity-4m.*, perplexity-dense.*).
@@ -29,8 +30,9 @@ for split in train validation; do
 done
 start=$SECONDS
 train() {  # name overrides
-    timeout "${LIMIT:-400}" python3 recipes/pretrain.py --config recipes/configs/realtext-small.yaml \
-        train.output_dir="runs/r1/$1" ${STEPS:+train.steps=$STEPS} $2 ${EXTRA:-} > "runs/r1/$1.log" 2>&1
+    timeout $((${MINUTES:-5} * 60 + 120)) python3 recipes/pretrain.py --config recipes/configs/realtext-small.yaml \
+        train.output_dir="runs/r1/$1" train.max_minutes="${MINUTES:-5}" ${STEPS:+train.steps=$STEPS} $2 ${EXTRA:-} \
+        > "runs/r1/$1.log" 2>&1
     python3 recipes/export.py "runs/r1/$1" "runs/r1/$1-model" --dtype bfloat16 > /dev/null 2>&1 \
         || { echo "$1: no checkpoint"; tail -5 "runs/r1/$1.log"; }
 }

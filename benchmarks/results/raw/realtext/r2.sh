@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Issue #26, second call (written 2026-12-07, not yet run): the two-stage long-context fine-tuning of the real-text
 # model, then pass keys hidden in held-out corpus text. INIT is r1's "hsa" model (its model.safetensors and
-# config.json carried as runs/init-realtext/). Stages, each from the previous one's weights, cut by their LIMIT:
+# config.json carried as runs/init-realtext/). Stages, each from the previous one's weights:
 #   sft1  recipes/configs/realtext-sft1.yaml  passkey, niah_single_2, niah_multikey_1 in corpus haystacks,
 #         1-2K tokens, retrieval loss W = 1
 #   sft2  recipes/configs/realtext-sft2.yaml  the same tasks at 256-4096 tokens
 # then benchmarks.passkey with --haystack text:data/debian-corpus/validation.jsonl at LENGTHS (default 4k,64k,1m;
 # 4 prompts at each of five depths, prompt seed 2) and the loss by position of the fine-tuned model beside
-# INIT's (does fine-tuning on needles cost the language model?).
+# INIT's (does fine-tuning on needles cost the language model?). MINUTES_sft1, MINUTES_sft2 (whole minutes,
+# default 2): each stage's training time (train.max_minutes). On the device right after r1.sh (the machine still
+# warm, so runs/r1 is still there): INIT=runs/r1/hsa-model.
 # From the repository root on the device machine (carry .wheels/slim.tar.xz, data/corpus-xz, runs/init-realtext):
 #   bash benchmarks/results/raw/realtext/r2.sh
 # A dry run here: DEVICE=cpu INIT=<a tiny model> STEPS=2 LENGTHS=2k SAMPLES=1 MAXTOK=2k EXTRA="data.seq_len=1024
@@ -22,9 +24,10 @@ for split in train validation; do
 done
 init="${INIT:-runs/init-realtext}"; prev="$init"; start=$SECONDS
 for stage in sft1 sft2; do
-    limit_var="LIMIT_$stage"; t0=$SECONDS
-    timeout "${!limit_var:-200}" python3 recipes/sft.py --config "recipes/configs/realtext-$stage.yaml" \
-        model.checkpoint="$prev" train.output_dir="runs/r2/$stage" ${STEPS:+train.steps=$STEPS} ${EXTRA:-} \
+    minutes_var="MINUTES_$stage"; minutes=${!minutes_var:-2}; t0=$SECONDS
+    timeout $((minutes * 60 + 120)) python3 recipes/sft.py --config "recipes/configs/realtext-$stage.yaml" \
+        model.checkpoint="$prev" train.output_dir="runs/r2/$stage" train.max_minutes="$minutes" \
+        ${STEPS:+train.steps=$STEPS} ${EXTRA:-} \
         > "runs/r2/$stage.log" 2>&1
     python3 recipes/export.py "runs/r2/$stage" "runs/r2/$stage-model" --dtype bfloat16 > /dev/null 2>&1 \
         || { echo "$stage: no checkpoint"; tail -5 "runs/r2/$stage.log"; exit 1; }
