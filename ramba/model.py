@@ -112,6 +112,17 @@ class HSAHybrid(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def selection_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters that decide which chunks each token selects and their weights, and little else: the
+        chunk encoder's CLS vector and landmark projection, and each HSA block's retrieval-query projection.
+        What a token reads from the chunks it selects (memory keys/values, the reading queries) does not depend
+        on them, except through the CLS position that the chunk's tokens also attend to. Needs HSA blocks."""
+        if self.encoder is None:
+            raise ValueError("selection_parameters: this model has no HSA blocks (use_hsa=False), so nothing selects")
+        names = ("encoder.cls", "encoder.lmk_proj.weight")
+        return {name: p for name, p in self.named_parameters()
+                if name in names or name.endswith(".hsa.qr_proj.weight")}
+
     @property
     def upper_all_swa(self) -> bool:
         """Whether every upper block mixes with SWA: then the upper stack has a finite receptive field."""

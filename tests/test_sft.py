@@ -189,3 +189,29 @@ def test_the_retrieval_loss_teaches_where_the_answer_lies(tmp_path):
 def test_bad_retrieval_loss_settings_are_refused(setting, message):
     with pytest.raises(RunConfigError, match=message):
         load_run_config(RECIPES / "configs" / "generalization-stage1.yaml", setting)
+
+
+def test_training_only_the_selection_moves_only_the_cls_landmark_and_query_projections(tmp_path):
+    """train.trainable=selection: after sft steps with the retrieval loss, the CLS vector, the landmark projection
+    and every HSA block's retrieval-query projection have changed, and every other weight is bit-identical."""
+    torch.manual_seed(0)
+    config = HSAHybridConfig.preset("tiny", d_model=64, num_heads=2, head_dim=32, intermediate_size=128)
+    base = HSAHybrid(config)
+    base.save_pretrained(tmp_path / "base")
+    hsa_blocks = [i for i in range(config.n_upper_layers) if i % config.hsa_every == 0]  # each group's first
+    selection = {"encoder.cls", "encoder.lmk_proj.weight", *(f"upper.{i}.hsa.qr_proj.weight" for i in hsa_blocks)}
+    assert set(base.selection_parameters()) == selection and hsa_blocks
+    spec = importlib.util.spec_from_file_location("sft", RECIPES / "sft.py")
+    sft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sft)
+    final = sft.main([f"model.checkpoint={tmp_path / 'base'}", "train.steps=2", "train.batch_size=2",
+                      "data.seq_len=384", "data.min_len=200", "data.tasks=[passkey]", "data.eval_sequences=2",
+                      "train.retrieval_loss=1", "train.trainable=selection", f"train.output_dir={tmp_path / 'run'}"])
+    tuned = dict(HSAHybrid.from_pretrained(final).named_parameters())
+    for name, p in base.named_parameters():
+        assert torch.equal(tuned[name], p) != (name in selection), name
+    with pytest.raises(RunConfigError, match="train.trainable must be all or selection"):
+        load_run_config(RECIPES / "configs" / "generalization-stage1.yaml", ["train.trainable=reader"])
+    with pytest.raises(ValueError, match="use_hsa=false"):
+        sft.main(["model.preset=tiny", "model.overrides={use_hsa: false}", "train.trainable=selection",
+                  f"train.output_dir={tmp_path / 'plain'}"])

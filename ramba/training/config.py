@@ -18,6 +18,7 @@ from ramba.data.tasks.prompt import TEXT_PREFIX
 
 
 COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune")
+TRAINABLE = ("all", "selection")
 
 
 class RunConfigError(ValueError):
@@ -76,6 +77,9 @@ class TrainSection:
     eval_every: int = 100
     save_every: int = 100
     keep: int = 3
+    # which weights train: "all", or "selection" (HSAHybrid.selection_parameters: the CLS vector, landmark and
+    # retrieval-query projections; everything that reads the chunks stays frozen)
+    trainable: str = "all"
     # wall-clock budget of the training loop: the run ends (its final model saved) at train.steps or after this
     # many minutes, whichever comes first, and the learning-rate schedule follows whichever is further along
     max_minutes: float | None = None
@@ -112,6 +116,8 @@ class RunConfig:
                   "train.context_parallel": (t.context_parallel, 1)}
         if t.stop_after is not None:
             ranges["train.stop_after"] = (t.stop_after, 1)
+        if t.trainable not in TRAINABLE:
+            raise RunConfigError(f"train.trainable must be {' or '.join(TRAINABLE)}, got {t.trainable!r}")
         if t.max_minutes is not None and not t.max_minutes > 0:
             raise RunConfigError(f"train.max_minutes must be positive (or null for no time limit), got {t.max_minutes}")
         for key, (value, least) in ranges.items():

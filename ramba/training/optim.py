@@ -21,9 +21,12 @@ def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], floa
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on norms, biases and parameters marked _no_weight_decay."""
+    """AdamW groups of the trainable parameters: no weight decay on norms, biases and parameters marked
+    _no_weight_decay."""
     decay, plain = [], []
     for p in model.parameters():
+        if not p.requires_grad:
+            continue
         (plain if p.dim() < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 

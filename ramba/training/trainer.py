@@ -40,6 +40,13 @@ def build_model(run: RunConfig, vocab: int) -> HSAHybrid:
         raise ValueError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's {vocab}: "
                          f"set model.overrides.vocab_size={vocab}")
     model.gradient_checkpointing = run.train.gradient_checkpointing
+    if run.train.trainable == "selection":
+        if model.encoder is None:
+            raise ValueError("train.trainable=selection trains the chunk selection of HSA blocks, and this model has "
+                             "none (use_hsa=false): set train.trainable=all")
+        keep = set(model.selection_parameters().values())
+        for p in model.parameters():
+            p.requires_grad_(p in keep)
     if run.train.compile != "no":
         model.compile_blocks(run.train.compile)
     return model
@@ -243,8 +250,9 @@ def train(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if t.tensorboard:
         accelerator.init_trackers("ramba")
-    logger.info("model: %.2fM parameters, %s mixer; %d process(es) (context parallel %d), precision %s",
-                accelerator.unwrap_model(model).num_parameters() / 1e6,
+    logger.info("model: %.2fM parameters (%.3fM trained), %s mixer; %d process(es) (context parallel %d), "
+                "precision %s", accelerator.unwrap_model(model).num_parameters() / 1e6,
+                sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
                 accelerator.unwrap_model(model).config.local_mixer, accelerator.num_processes, mesh.cp_size,
                 precision)
 
