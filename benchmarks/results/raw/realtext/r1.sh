@@ -21,6 +21,7 @@
 # Outputs under $OUT: each run's metrics, the perplexity tables and plots (perplexity-4m.*, perplexity-dense.*).
 # First try (2026-12-07, `LIMIT=175 MAXTOK=1m`): every run stopped at once, as local .jsonl corpora were then
 # read through `datasets`, which the device does not have; they are now read without it.
+# Run 2026-12-08 on an H100 as `MINUTES=5 MAXTOK=1m bash ...r1.sh`: benchmarks/results/realtext.md, section 1.
 set -u
 out="${OUT:-out}"; mkdir -p "$out" runs/r1 data/debian-corpus
 [ -n "${DEVICE:-}" ] || source benchmarks/device_setup.sh

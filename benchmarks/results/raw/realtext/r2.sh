@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue #26, second call (written 2026-12-07, not yet run): the two-stage long-context fine-tuning of the real-text
+# Issue #26, second call (written 2026-12-07; run 2026-12-08 right after r1.sh, benchmarks/results/realtext.md
+# section 2): the two-stage long-context fine-tuning of the real-text
 # model, then pass keys hidden in held-out corpus text. INIT is r1's "hsa" model (its model.safetensors and
 # config.json carried as runs/init-realtext/). Stages, each from the previous one's weights:
 #   sft1  recipes/configs/realtext-sft1.yaml  passkey, niah_single_2, niah_multikey_1 in corpus haystacks,
