@@ -242,5 +242,9 @@ def test_max_minutes_ends_the_run_with_its_schedule_decayed_and_counts_resumed_t
     ticks = iter(range(0, 10**6, 30))
     pretrain(tmp_path, "train.steps=100", "train.max_minutes=2.5", "--resume")
     assert max(losses(tmp_path)) == 5
+    # resumed once more with the budget spent: no step, the final model written from the checkpoint
+    (tmp_path / "final" / "model.safetensors").unlink()
+    pretrain(tmp_path, "train.steps=100", "train.max_minutes=2.5", "--resume")
+    assert max(losses(tmp_path)) == 5 and (tmp_path / "final" / "model.safetensors").exists()
     with pytest.raises(RunConfigError, match="train.max_minutes must be positive"):
         pretrain(tmp_path / "bad", "train.max_minutes=0")

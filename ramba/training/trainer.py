@@ -278,7 +278,9 @@ def train(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -
 
     bar = tqdm(total=t.steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
     last = start = time.perf_counter()
-    out_of_time = False
+    out_of_time = bool(used) and used[0] >= 1  # a resumed run whose time budget is spent: no more steps
+    if out_of_time:
+        logger.info("train.max_minutes (%g) was spent before step %d: writing the final model", t.max_minutes, step)
     while step < t.steps and not out_of_time:
         losses, hits, weights, tokens = [], [], [], 0
         micro = [next(stream) for _ in range(t.grad_accum)]
