@@ -14,7 +14,7 @@ from ramba.tokenizer import ByteTokenizer
 from ramba.training.config import DataSection, ModelSection, RunConfig, RunConfigError, load_run_config
 from ramba.training.data import task_examples
 from ramba.training.retrieval import retrieval_target_loss, span_targets
-from ramba.training.trainer import build_model, evaluate, fact_targets, model_inputs
+from ramba.training.trainer import answer_cross_entropy, build_model, evaluate, fact_targets, model_inputs
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TOK = ByteTokenizer()
@@ -189,6 +189,53 @@ def test_the_retrieval_loss_teaches_where_the_answer_lies(tmp_path):
 def test_bad_retrieval_loss_settings_are_refused(setting, message):
     with pytest.raises(RunConfigError, match=message):
         load_run_config(RECIPES / "configs" / "generalization-stage1.yaml", setting)
+
+
+def test_the_answer_loss_is_the_mean_cross_entropy_on_the_answer_tokens():
+    """answer_cross_entropy on random logits over data.loss=all examples equals the mean, over each row's answer
+    tokens (not its eos), of minus the log-probability that the position before gave to that token; a batch
+    without answer tokens gives 0 and zero gradients."""
+    torch.manual_seed(3)
+    data = DataSection(source="tasks", tasks=["passkey", "niah_single_1"], seq_len=256, min_len=64, loss="all")
+    rows = list(itertools.islice(task_examples(data, TOK, seed=5), 4))
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    assert (batch["labels"][:, :10] != -100).all()  # loss=all: the prompt carries labels too
+    logits = torch.randn(4, 256, TOK.vocab_size, requires_grad=True)
+    terms = []
+    for b in range(4):
+        for t in range(1, 256):
+            if batch["answer_mask"][b, t]:
+                terms.append(-torch.log_softmax(logits[b, t - 1].double(), -1)[batch["input_ids"][b, t]])
+    assert len(terms) >= 4
+    got = answer_cross_entropy(logits, batch)
+    assert torch.allclose(got.double(), torch.stack(terms).mean(), atol=1e-5)
+    empty = dict(batch, answer_mask=torch.zeros_like(batch["answer_mask"]))
+    zero = answer_cross_entropy(logits, empty)
+    zero.backward()
+    assert zero.item() == 0 and logits.grad is not None and not logits.grad.any()
+
+
+def test_the_answer_loss_changes_the_update(tmp_path):
+    """Two sft steps from the same weights and data, with data.loss=all: train.answer_loss=5 ends at other weights
+    than train.answer_loss=0 (the term reaches the gradient); bad settings are refused."""
+    spec = importlib.util.spec_from_file_location("sft", RECIPES / "sft.py")
+    sft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sft)
+    torch.manual_seed(0)
+    config = HSAHybridConfig.preset("tiny", d_model=64, num_heads=2, head_dim=32, intermediate_size=128)
+    HSAHybrid(config).save_pretrained(tmp_path / "base")
+    weights = {}
+    for w in (0, 5):
+        final = sft.main([f"model.checkpoint={tmp_path / 'base'}", "train.steps=2", "train.batch_size=2",
+                          "data.seq_len=256", "data.min_len=100", "data.tasks=[passkey]", "data.eval_sequences=2",
+                          "data.loss=all", f"train.answer_loss={w}", f"train.output_dir={tmp_path / str(w)}"])
+        weights[w] = dict(HSAHybrid.from_pretrained(final).named_parameters())
+    assert any(not torch.equal(weights[0][n], weights[5][n]) for n in weights[0])
+    for setting, message in [(["train.answer_loss=-1"], ">= 0"),
+                             (["data.source=builtin", "train.answer_loss=1"], "data.source=tasks"),
+                             (["train.answer_loss=1", "train.context_parallel=2"], "context_parallel")]:
+        with pytest.raises(RunConfigError, match=message):
+            load_run_config(RECIPES / "configs" / "generalization-stage1.yaml", setting)
 
 
 def test_training_only_the_selection_moves_only_the_cls_landmark_and_query_projections(tmp_path):

@@ -90,6 +90,9 @@ class TrainSection:
     # weight of the auxiliary retrieval loss (data.source tasks): minus the log of the retrieval weight on the
     # chunks that hold the asked fact, at the positions that predict the answer (ramba.training.retrieval)
     retrieval_loss: float = 0.0
+    # weight of the mean cross entropy on the answer tokens alone (data.source tasks), added to the loss: with
+    # data.loss=all the model keeps learning the prompt's text while the few answer tokens keep their own scale
+    answer_loss: float = 0.0
 
 
 @dataclass
@@ -145,6 +148,14 @@ class RunConfig:
         if t.retrieval_loss and t.context_parallel > 1:
             raise RunConfigError("train.retrieval_loss is not supported with train.context_parallel > 1: turn one "
                                  "of them off")
+        if t.answer_loss < 0:
+            raise RunConfigError(f"train.answer_loss must be >= 0, got {t.answer_loss}")
+        if t.answer_loss and d.source != "tasks":
+            raise RunConfigError("train.answer_loss needs examples whose answer is marked: set data.source=tasks "
+                                 f"(got {d.source!r}) or train.answer_loss=0")
+        if t.answer_loss and t.context_parallel > 1:
+            raise RunConfigError("train.answer_loss is not supported with train.context_parallel > 1: turn one of "
+                                 "them off")
         if d.haystack is not None:
             if d.source != "tasks":
                 raise RunConfigError(f"data.haystack applies to data.source=tasks (got {d.source!r}): remove it")

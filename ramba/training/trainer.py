@@ -71,6 +71,16 @@ def fact_targets(batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tenso
     return span_targets(batch["fact_spans"], predicting, chunk_size)
 
 
+def answer_cross_entropy(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross entropy of logits [B, L, V] on the answer tokens (batch's answer_mask [B, L]; position t
+    predicts token t + 1); 0, still attached to the graph, for a batch without answer tokens."""
+    predicting = batch["answer_mask"][:, 1:]
+    if not bool(predicting.any()):
+        return logits.sum() * 0.0
+    flat = logits[:, :-1][predicting].float()
+    return torch.nn.functional.cross_entropy(flat, batch["input_ids"][:, 1:][predicting])
+
+
 def eval_batches(run: RunConfig, tokenizer, seed: int) -> list[dict[str, torch.Tensor]]:
     """Held-out sequences: the first ones of the stream under a separate seed (for a corpus, a differently
     shuffled pass of the same data)."""
@@ -282,7 +292,7 @@ def train(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -
     if out_of_time:
         logger.info("train.max_minutes (%g) was spent before step %d: writing the final model", t.max_minutes, step)
     while step < t.steps and not out_of_time:
-        losses, hits, weights, tokens = [], [], [], 0
+        losses, hits, weights, answers, tokens = [], [], [], [], 0
         micro = [next(stream) for _ in range(t.grad_accum)]
         consumed += t.grad_accum * t.batch_size * mesh.dp_size
         for batch, share in zip(micro, loss_shares(micro, accelerator, mesh)):
@@ -295,6 +305,10 @@ def train(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -
                                                           fact_targets(batch, chunk_size))
                     loss = loss + t.retrieval_loss * aux
                     weights.append(on_facts.item())
+                if t.answer_loss:
+                    answer = answer_cross_entropy(out.logits, batch)
+                    loss = loss + t.answer_loss * answer
+                    answers.append(answer.item())
                 accelerator.backward(loss * share)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), t.clip)
@@ -309,7 +323,8 @@ def train(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -
         step += 1
         now = time.perf_counter()
         local = torch.tensor([sum(losses) / len(losses), tokens, sum(hits) / max(1, len(hits)),
-                              sum(weights) / max(1, len(weights)), seconds + now - start],
+                              sum(weights) / max(1, len(weights)), seconds + now - start,
+                              sum(answers) / max(1, len(answers))],
                              dtype=torch.float64, device=accelerator.device)
         mean = accelerator.reduce(local, "mean").tolist()  # the whole global batch, not process 0's share
         if used:
@@ -325,6 +340,8 @@ def train(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -
             metrics["retrieval_hit"] = mean[2]
         if weights:
             metrics["retrieval_weight_on_facts"] = mean[3]
+        if answers:
+            metrics["answer_loss"] = mean[5]
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
         if step % t.log_every == 0 or done:
