@@ -15,6 +15,8 @@
 #   bash benchmarks/results/raw/realtext/r2.sh
 # A dry run here: DEVICE=cpu INIT=<a tiny model> STEPS=2 LENGTHS=2k SAMPLES=1 MAXTOK=2k EXTRA="data.seq_len=1024
 #   data.min_len=512 train.batch_size=2 data.eval_sequences=4 train.eval_every=1" bash ...r2.sh
+# As run on 2026-12-08 the two configs had the loss on the answer only; they now have data.loss=all and
+# train.answer_loss=1 (r3.sh): EXTRA="data.loss=answer train.answer_loss=0" repeats that run.
 # Outputs under $OUT: each stage's metrics, the pass-key and perplexity tables, the fine-tuned weights (bf16).
 set -u
 out="${OUT:-out}"; mkdir -p "$out" runs/r2 data/debian-corpus
@@ -28,7 +30,7 @@ for stage in sft1 sft2; do
     minutes_var="MINUTES_$stage"; minutes=${!minutes_var:-2}; t0=$SECONDS
     timeout $((minutes * 60 + 120)) python3 recipes/sft.py --config "recipes/configs/realtext-$stage.yaml" \
         model.checkpoint="$prev" train.output_dir="runs/r2/$stage" train.max_minutes="$minutes" \
-        ${STEPS:+train.steps=$STEPS} ${EXTRA:-} \
+        ${STEPS:+train.steps=$STEPS} ${EXTRA:-} --overwrite \
         > "runs/r2/$stage.log" 2>&1
     python3 recipes/export.py "runs/r2/$stage" "runs/r2/$stage-model" --dtype bfloat16 > /dev/null 2>&1 \
         || { echo "$stage: no checkpoint"; tail -5 "runs/r2/$stage.log"; exit 1; }
