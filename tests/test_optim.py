@@ -20,6 +20,25 @@ def test_warmup_then_cosine_or_constant():
     assert [constant(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
 
 
+def test_a_time_budget_decays_the_schedule_but_keeps_the_warmup_in_steps():
+    """With a time budget further along than the steps, the cosine follows the time share, and the first steps
+    still warm up linearly (a run of many steps and few minutes does not start at full rate)."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=1.0)
+    share = [0.5]
+    scheduler = build_scheduler(optimizer, 4, 1000, 0.1, time_used=lambda: share[0])
+    half = lr_lambda(4, 1000, 0.1)(500)
+    got = [scheduler.get_last_lr()[0]]
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+        got.append(scheduler.get_last_lr()[0])
+    assert got == pytest.approx([0.25 * half, 0.5 * half, 0.75 * half, half, half, half])
+    share[0] = 0.0  # time behind the steps: the plain step schedule
+    optimizer.step()
+    scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(lr_lambda(4, 1000, 0.1)(6))
+
+
 @pytest.mark.parametrize("clip", [None, 0.01])
 def test_a_step_equals_a_hand_written_adamw_step(clip):
     """Two steps: gradients of the mean loss, their norm clipped, then AdamW (decay on matrices only) by hand."""

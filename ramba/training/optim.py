@@ -40,11 +40,16 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
 def build_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float,
                     time_used: Callable[[], float] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
     """The schedule of lr_lambda, stepped once per optimizer step. With `time_used` (the share of a time
-    budget spent, 0 to 1) the schedule follows whichever budget is further along: step or share x total."""
+    budget spent, 0 to 1) the decay follows whichever budget is further along: step or share x total; the
+    warmup still counts optimizer steps, so that a large step budget with a short time budget does not skip it."""
     f = lr_lambda(warmup, total, min_ratio)
     if time_used is None:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: f(max(step, int(time_used() * total))))
+
+    def budgeted(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, warmup))
+        return warm * f(max(step, int(time_used() * total), warmup))  # f is 1 at the warmup's end, then decays
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, budgeted)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
