@@ -7,9 +7,9 @@ import torch
 from ..backends import pick
 
 from .decode import retrieve_decode
-from .naive import retrieve_reference, visible_chunks
+from .naive import chunk_scores, retrieve_reference, visible_chunks
 
-__all__ = ["hsa_retrieve", "retrieve_decode", "retrieve_reference", "visible_chunks"]
+__all__ = ["chunk_scores", "hsa_retrieve", "retrieve_decode", "retrieve_reference", "visible_chunks"]
 
 
 def _check(qr: torch.Tensor, landmarks: torch.Tensor, topk: int, chunk_size: int,

@@ -22,6 +22,20 @@ def divide_by_sqrt_dim(scores: torch.Tensor, dr: int) -> torch.Tensor:
     return scores / torch.full((), math.sqrt(dr), dtype=scores.dtype, device=scores.device)
 
 
+def chunk_scores(qr: torch.Tensor, landmarks: torch.Tensor, chunk_size: int, positions: torch.Tensor,
+                 window: int | None = None) -> torch.Tensor:
+    """The landmark score of every chunk for every query, differentiable: qr [B, L, Hr, dr], landmarks
+    [B, C, Hr, dr], positions [B, L] -> [B, L, Hr, C] (qr . lmk / sqrt(dr), float32 or wider), -inf for the
+    chunks a position cannot see (the visibility of retrieve_reference). For losses over all chunks, not only
+    the selected ones (ramba.training.retrieval); its memory grows with L x C."""
+    B, L, Hr, dr = qr.shape
+    C = landmarks.shape[1]
+    dtype = torch.promote_types(qr.dtype, torch.float32)
+    scores = divide_by_sqrt_dim(torch.einsum("blhd,bchd->blhc", qr.to(dtype), landmarks.to(dtype)), dr)
+    visible = torch.arange(C, device=qr.device) < visible_chunks(positions, chunk_size, C, window)[:, :, None, None]
+    return scores.masked_fill(~visible, float("-inf"))
+
+
 def retrieve_reference(
     qr: torch.Tensor,
     landmarks: torch.Tensor,

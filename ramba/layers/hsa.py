@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ramba.ops.retrieve import chunk_scores
+
 from ..config import HSAHybridConfig
 from ..documents import DocLayout
-from ..memory import Memory
+from ..memory import ChunkMemory, Memory
 
 
 def retrieval_weights(scores: torch.Tensor, indices: torch.Tensor, kind: str) -> torch.Tensor:
@@ -59,6 +61,8 @@ class HSA(nn.Module):
         self.qr_proj = nn.Linear(d, config.num_retrieval_heads * config.retrieval_dim, bias=False)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, d, bias=False)
         self.forced: torch.Tensor | None = None  # chunks every query reads instead (ramba.steering, diagnostics)
+        # when a list, each forward appends every chunk's score [B, L, Hr, C] (ramba.training.retrieval)
+        self.scores_sink: list[torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, memory: Memory, layout: DocLayout,
                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,6 +74,8 @@ class HSA(nn.Module):
         indices, scores = memory.retrieve(qr, cfg.topk, cfg.chunk_size, at,
                                           cfg.window if cfg.retrieve_beyond_window else None, cfg.ops_backend,
                                           cfg.gumbel_noise if self.training else 0.0)
+        if self.scores_sink is not None:
+            self.scores_sink.append(self._all_scores(qr, memory, layout, at))
         if self.forced is not None:
             at = torch.arange(L, device=x.device).expand(N, L) if at is None else at
             indices, scores = force_selection(indices, scores, self.forced.to(x.device), at, cfg.chunk_size)
@@ -82,3 +88,16 @@ class HSA(nn.Module):
         o = memory.aggregate(q, kv_indices, kv_weights, cfg.chunk_size, cfg.softmax_off_by_one, cfg.ops_backend)
         out = self.o_proj(o.reshape(N, L, cfg.num_heads * cfg.head_dim))
         return layout.pack(out), layout.pack(indices), layout.pack(weights)
+
+    def _all_scores(self, qr: torch.Tensor, memory: Memory, layout: DocLayout,
+                    at: torch.Tensor | None) -> torch.Tensor:
+        """Every chunk's score for every query, [N, L, Hr, C] (-inf where not visible), of a whole memory
+        (ChunkMemory) over unpacked rows (one document a row)."""
+        if not isinstance(memory, ChunkMemory) or not layout.trivial:
+            raise ValueError("the scores of every chunk need a full forward of unpacked rows (no cache, no packed "
+                             "documents, no sharded memory)")
+        N, L = qr.shape[:2]
+        at = torch.arange(L, device=qr.device).expand(N, L) if at is None else at
+        cfg = self.config
+        window = cfg.window if cfg.retrieve_beyond_window else None
+        return chunk_scores(qr, memory.landmarks, cfg.chunk_size, at, window)

@@ -90,6 +90,9 @@ class TrainSection:
     # weight of the auxiliary retrieval loss (data.source tasks): minus the log of the retrieval weight on the
     # chunks that hold the asked fact, at the positions that predict the answer (ramba.training.retrieval)
     retrieval_loss: float = 0.0
+    # that loss over the "selected" chunks (no gradient where the fact's chunk is not in the top-k) or over "all"
+    # visible chunks (a softmax of every chunk's score: pulls up a fact's chunk that was not selected)
+    retrieval_loss_over: str = "selected"
     # weight of the mean cross entropy on the answer tokens alone (data.source tasks), added to the loss: with
     # data.loss=all the model keeps learning the prompt's text while the few answer tokens keep their own scale
     answer_loss: float = 0.0
@@ -148,6 +151,11 @@ class RunConfig:
         if t.retrieval_loss and t.context_parallel > 1:
             raise RunConfigError("train.retrieval_loss is not supported with train.context_parallel > 1: turn one "
                                  "of them off")
+        if t.retrieval_loss_over not in ("selected", "all"):
+            raise RunConfigError(f"train.retrieval_loss_over must be selected or all, got {t.retrieval_loss_over!r}")
+        if t.retrieval_loss_over == "all" and not t.retrieval_loss:
+            raise RunConfigError("train.retrieval_loss_over=all applies to the retrieval loss: set "
+                                 "train.retrieval_loss > 0 or leave train.retrieval_loss_over at selected")
         if t.answer_loss < 0:
             raise RunConfigError(f"train.answer_loss must be >= 0, got {t.answer_loss}")
         if t.answer_loss and d.source != "tasks":

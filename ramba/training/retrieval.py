@@ -5,13 +5,22 @@ that predict the answer can be told to put their retrieval weight there: the los
 weight that the selected chunks holding the fact get, averaged over HSA blocks, retrieval heads and those
 positions. It trains the retrieval queries and landmarks directly, instead of leaving the model to find the
 memory through the answer's loss alone (a recurrent mixer can answer short prompts from its state instead).
+
+That loss sees only the selected chunks: where the fact's chunk is not among a position's top-k, it is at its
+floor and gives no gradient. The loss over all chunks (`all_chunks_loss`, train.retrieval_loss_over=all) is
+minus the log of the share that the fact's chunks get in a softmax over every chunk the position can see, so
+a chunk that was not selected is still pulled up.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from ..data.tasks.prompt import Sample
+from ..layers.hsa import HSA
 from ..tokenizer import Tokenizer
 
 FLOOR = 1e-6  # the weight at which a position's loss stops growing (the fact's chunk not selected at all)
@@ -78,3 +87,43 @@ def retrieval_target_loss(indices: list[torch.Tensor], weights: list[torch.Tenso
         return weights[0].sum() * 0.0, weights[0].new_zeros(())
     w = on_target[asked]
     return -torch.log(w.clamp_min(FLOOR)).mean(), w.mean().detach()
+
+
+@contextmanager
+def all_chunk_scores(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Inside the block, every forward of `model` appends to the yielded list each HSA block's scores of every
+    chunk, [B, L, Hr, C] (-inf where not visible; ops.retrieve.chunk_scores), in block order. Full forwards of
+    unpacked rows only."""
+    blocks = [m for m in model.modules() if isinstance(m, HSA)]
+    if not blocks:
+        raise ValueError("the scores of every chunk need a model with HSA blocks (use_hsa)")
+    sink: list[torch.Tensor] = []
+    for block in blocks:
+        block.scores_sink = sink
+    try:
+        yield sink
+    finally:
+        for block in blocks:
+            block.scores_sink = None
+
+
+def all_chunks_loss(scores: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Minus the log of the softmax share, over every visible chunk, of the target chunks, averaged over HSA
+    blocks, retrieval heads and the positions where a target chunk is visible.
+
+    scores: one [B, L, Hr, C'] per HSA block (all_chunk_scores; C' complete chunks); targets: bool [B, L, C]
+    with C >= C' (span_targets). 0 (attached) when no position sees a target."""
+    if not scores:
+        raise ValueError("all_chunks_loss needs the scores of at least one HSA block (all_chunk_scores)")
+    terms = []
+    for s in scores:
+        C = s.shape[-1]
+        t = targets[..., :C].unsqueeze(2) & torch.isfinite(s)      # [B, L, Hr, C]
+        rows = t.any(-1)
+        if not bool(rows.any()):
+            continue
+        picked, on = s[rows], t[rows]                              # [M, C]: rows with a visible target
+        terms.append(torch.logsumexp(picked, -1) - torch.logsumexp(picked.masked_fill(~on, float("-inf")), -1))
+    if not terms:
+        return torch.where(torch.isfinite(scores[0]), scores[0], 0.0).sum() * 0.0
+    return torch.cat(terms).mean()

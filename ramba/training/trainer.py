@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -23,7 +24,8 @@ from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, read_
 from .config import RunConfig
 from .resume import check_resume, check_rng, check_shapes, claim_run_dir
 from .data import batches, sequences
-from .retrieval import retrieval_target_loss, span_targets, weight_on_targets
+from .retrieval import (all_chunk_scores, all_chunks_loss, retrieval_target_loss, span_targets,
+                        weight_on_targets)
 from .optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger("ramba.train")
@@ -285,6 +287,7 @@ def train(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -
     stats = run.data.source == "builtin" and mesh.cp_size == 1  # hits need the whole row's retrievals
     if t.retrieval_loss and accelerator.unwrap_model(model).encoder is None:
         raise ValueError("train.retrieval_loss needs a model with HSA blocks (use_hsa): set train.retrieval_loss=0")
+    over_all = bool(t.retrieval_loss) and t.retrieval_loss_over == "all"
 
     bar = tqdm(total=t.steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
     last = start = time.perf_counter()
@@ -298,11 +301,14 @@ def train(run: RunConfig, resume: bool | str = False, overwrite: bool = False) -
         for batch, share in zip(micro, loss_shares(micro, accelerator, mesh)):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model), mesh.context():
-                out = model(**slice_batch(batch, mesh), return_retrieval=stats or bool(t.retrieval_loss))
+                with all_chunk_scores(model) if over_all else contextlib.nullcontext() as scores:
+                    out = model(**slice_batch(batch, mesh), return_retrieval=stats or bool(t.retrieval_loss))
                 loss = out.loss
                 if t.retrieval_loss:
-                    aux, on_facts = retrieval_target_loss(out.retrieval, out.retrieval_weights,
-                                                          fact_targets(batch, chunk_size))
+                    targets = fact_targets(batch, chunk_size)
+                    aux, on_facts = retrieval_target_loss(out.retrieval, out.retrieval_weights, targets)
+                    if over_all:
+                        aux = all_chunks_loss(scores, targets)
                     loss = loss + t.retrieval_loss * aux
                     weights.append(on_facts.item())
                 if t.answer_loss:
