@@ -143,27 +143,22 @@ class RunConfig:
         if t.context_parallel > 1 and t.gradient_checkpointing:
             raise RunConfigError("train.gradient_checkpointing is not supported with train.context_parallel > 1 "
                                  "(the slices already cut activation memory): turn one of them off")
-        if t.retrieval_loss < 0:
-            raise RunConfigError(f"train.retrieval_loss must be >= 0, got {t.retrieval_loss}")
-        if t.retrieval_loss and d.source != "tasks":
-            raise RunConfigError("train.retrieval_loss needs examples whose answer-holding facts are known: set "
-                                 f"data.source=tasks (got {d.source!r}) or train.retrieval_loss=0")
-        if t.retrieval_loss and t.context_parallel > 1:
-            raise RunConfigError("train.retrieval_loss is not supported with train.context_parallel > 1: turn one "
-                                 "of them off")
+        for name, needs in (("retrieval_loss", "examples whose answer-holding facts are known"),
+                            ("answer_loss", "examples whose answer is marked")):
+            weight = getattr(t, name)
+            if weight < 0:
+                raise RunConfigError(f"train.{name} must be >= 0, got {weight}")
+            if weight and d.source != "tasks":
+                raise RunConfigError(f"train.{name} needs {needs}: set data.source=tasks (got {d.source!r}) or "
+                                     f"train.{name}=0")
+            if weight and t.context_parallel > 1:
+                raise RunConfigError(f"train.{name} is not supported with train.context_parallel > 1: turn one of "
+                                     "them off")
         if t.retrieval_loss_over not in ("selected", "all"):
             raise RunConfigError(f"train.retrieval_loss_over must be selected or all, got {t.retrieval_loss_over!r}")
         if t.retrieval_loss_over == "all" and not t.retrieval_loss:
             raise RunConfigError("train.retrieval_loss_over=all applies to the retrieval loss: set "
                                  "train.retrieval_loss > 0 or leave train.retrieval_loss_over at selected")
-        if t.answer_loss < 0:
-            raise RunConfigError(f"train.answer_loss must be >= 0, got {t.answer_loss}")
-        if t.answer_loss and d.source != "tasks":
-            raise RunConfigError("train.answer_loss needs examples whose answer is marked: set data.source=tasks "
-                                 f"(got {d.source!r}) or train.answer_loss=0")
-        if t.answer_loss and t.context_parallel > 1:
-            raise RunConfigError("train.answer_loss is not supported with train.context_parallel > 1: turn one of "
-                                 "them off")
         if d.haystack is not None:
             if d.source != "tasks":
                 raise RunConfigError(f"data.haystack applies to data.source=tasks (got {d.source!r}): remove it")
