@@ -134,7 +134,9 @@ def test_with_top_1_only_the_loss_over_all_chunks_finds_the_pass_key(tmp_path):
 
 @pytest.mark.parametrize("setting,message", [(["train.retrieval_loss_over=some"], "selected or all"),
                                              (["train.retrieval_loss=0", "train.retrieval_loss_over=all"],
-                                              "retrieval_loss > 0")])
+                                              "retrieval_loss > 0"),
+                                             (["train.retrieval_loss=1", "train.retrieval_loss_over=all",
+                                               "train.gradient_checkpointing=true"], "gradient_checkpointing")])
 def test_bad_retrieval_loss_over_settings_are_refused(setting, message):
     with pytest.raises(RunConfigError, match=message):
         load_run_config(RECIPES / "configs" / "generalization-stage1.yaml", setting)

@@ -159,6 +159,9 @@ class RunConfig:
         if t.retrieval_loss_over == "all" and not t.retrieval_loss:
             raise RunConfigError("train.retrieval_loss_over=all applies to the retrieval loss: set "
                                  "train.retrieval_loss > 0 or leave train.retrieval_loss_over at selected")
+        if t.retrieval_loss_over == "all" and t.gradient_checkpointing:
+            raise RunConfigError("train.retrieval_loss_over=all is not supported with train.gradient_checkpointing "
+                                 "(the recomputed forward would not hand out the scores again): turn one of them off")
         if d.haystack is not None:
             if d.source != "tasks":
                 raise RunConfigError(f"data.haystack applies to data.source=tasks (got {d.source!r}): remove it")
