@@ -71,13 +71,14 @@ class HSA(nn.Module):
         N, L, _ = xs.shape
         qr = self.qr_proj(xs).view(N, L, cfg.num_retrieval_heads, cfg.retrieval_dim)
         at = layout.retrieval_positions(positions)
-        indices, scores = memory.retrieve(qr, cfg.topk, cfg.chunk_size, at,
-                                          cfg.window if cfg.retrieve_beyond_window else None, cfg.ops_backend,
+        window = cfg.window if cfg.retrieve_beyond_window else None
+        indices, scores = memory.retrieve(qr, cfg.topk, cfg.chunk_size, at, window, cfg.ops_backend,
                                           cfg.gumbel_noise if self.training else 0.0)
+        if at is None and (self.scores_sink is not None or self.forced is not None):
+            at = torch.arange(L, device=x.device).expand(N, L)
         if self.scores_sink is not None:
-            self.scores_sink.append(self._all_scores(qr, memory, layout, at))
+            self.scores_sink.append(self._all_scores(qr, memory, layout, at, window))
         if self.forced is not None:
-            at = torch.arange(L, device=x.device).expand(N, L) if at is None else at
             indices, scores = force_selection(indices, scores, self.forced.to(x.device), at, cfg.chunk_size)
         weights = retrieval_weights(scores, indices, cfg.retrieval_weights)
         kv_indices, kv_weights = indices, weights
@@ -89,15 +90,11 @@ class HSA(nn.Module):
         out = self.o_proj(o.reshape(N, L, cfg.num_heads * cfg.head_dim))
         return layout.pack(out), layout.pack(indices), layout.pack(weights)
 
-    def _all_scores(self, qr: torch.Tensor, memory: Memory, layout: DocLayout,
-                    at: torch.Tensor | None) -> torch.Tensor:
-        """Every chunk's score for every query, [N, L, Hr, C] (-inf where not visible), of a whole memory
-        (ChunkMemory) over unpacked rows (one document a row)."""
+    def _all_scores(self, qr: torch.Tensor, memory: Memory, layout: DocLayout, at: torch.Tensor,
+                    window: int | None) -> torch.Tensor:
+        """Every chunk's score for every query at positions `at` [N, L], [N, L, Hr, C] (-inf where not visible),
+        of a whole memory (ChunkMemory) over unpacked rows (one document a row)."""
         if not isinstance(memory, ChunkMemory) or not layout.trivial:
             raise ValueError("the scores of every chunk need a full forward of unpacked rows (no cache, no packed "
                              "documents, no sharded memory)")
-        N, L = qr.shape[:2]
-        at = torch.arange(L, device=qr.device).expand(N, L) if at is None else at
-        cfg = self.config
-        window = cfg.window if cfg.retrieve_beyond_window else None
-        return chunk_scores(qr, memory.landmarks, cfg.chunk_size, at, window)
+        return chunk_scores(qr, memory.landmarks, self.config.chunk_size, at, window)
